@@ -1,0 +1,35 @@
+"""Registers the ``reference`` backend: slow, exact, anywhere NumPy runs.
+
+NumPy arrays go in and come out (float64 math, q's dtype out). Torch CPU tensors
+are accepted too, with gradients through the reference's explicit VJP, so the
+conformance suite can treat it like any other backend.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import aha
+from aha import reference
+from aha.registry import Capabilities
+
+
+def forward(q, k, v, gate, *, window, scale=None):
+    if isinstance(q, np.ndarray):
+        return reference.attention(q, k, v, gate, window, scale).astype(q.dtype)
+    from aha_reference.torch_bridge import ReferenceFunction
+
+    return ReferenceFunction.apply(q, k, v, gate, window, scale)
+
+
+@aha.hookimpl
+def register_backends(register):
+    register(
+        aha.Backend(
+            name="reference",
+            forward=forward,
+            capabilities=Capabilities(arrays=("numpy", "torch"), devices=("cpu",)),
+            priority=0,
+            description="NumPy float64 specification; exact and slow (O(N^2) Python loop per query)",
+        )
+    )

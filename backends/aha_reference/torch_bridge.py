@@ -1,0 +1,28 @@
+"""Torch tensors through the NumPy reference, gradients by its explicit VJP."""
+
+from __future__ import annotations
+
+import torch
+
+from aha import reference
+
+
+def _np(x: torch.Tensor):
+    return x.detach().to(torch.float64).numpy()
+
+
+class ReferenceFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, gate, window, scale):
+        ctx.save_for_backward(q, k, v, gate)
+        ctx.window, ctx.scale = window, scale
+        out = reference.attention(_np(q), _np(k), _np(v), _np(gate), window, scale)
+        return torch.from_numpy(out).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, gate = ctx.saved_tensors
+        grads = reference.attention_vjp(_np(q), _np(k), _np(v), _np(gate), ctx.window, _np(dout), ctx.scale)
+        dq, dk, dv, dgate = (torch.from_numpy(g) for g in grads)
+        dgate = dgate.to(gate.dtype) if gate.is_floating_point() else None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgate, None, None

@@ -1,0 +1,34 @@
+"""Registers the ``torch`` backend (portable; any device torch supports)."""
+
+from __future__ import annotations
+
+import aha
+from aha.registry import Capabilities
+
+
+def _available() -> str | None:
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        return f"torch is not installed ({exc}); pip install 'aha[torch]'"
+    return None
+
+
+def forward(q, k, v, gate, *, window, scale=None):
+    from aha_torch.sdpa import aha_sdpa
+
+    return aha_sdpa(q, k, v, gate, window=window, scale=scale)
+
+
+@aha.hookimpl
+def register_backends(register):
+    register(
+        aha.Backend(
+            name="torch",
+            forward=forward,
+            capabilities=Capabilities(arrays=("torch",), devices=("*",)),
+            priority=10,
+            available=_available,
+            description="portable PyTorch SDPA; skips the unselected branch when the gate needs no grad",
+        )
+    )

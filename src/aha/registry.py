@@ -1,0 +1,213 @@
+"""Backends, their capabilities, and the pluggy registry that loads them.
+
+Plugins are found through the entry-point group ``aha`` and loaded one by one:
+a plugin that fails to import or to register is reported (a warning naming the
+distribution and the error) and listed as broken, never raised at ``import aha``.
+
+Environment:
+    AHA_LOAD_PLUGINS=a,b   load only these entry points (names or distributions)
+    AHA_STRICT_PLUGINS=1   raise on a broken plugin instead of warning
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Callable
+
+import pluggy
+
+from aha import hookspecs
+from aha.validation import FLOAT_DTYPES, Problem
+
+__all__ = ["Backend", "Capabilities", "BackendInfo", "PluginError", "BackendError", "registry", "select_backend"]
+
+
+class PluginError(RuntimeError):
+    """A plugin failed to load (raised only with AHA_STRICT_PLUGINS=1)."""
+
+
+class BackendError(ValueError):
+    """No backend, or not the named one, can serve a call; the message says why."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can serve. ``devices=("*",)`` means any torch device."""
+
+    arrays: tuple[str, ...] = ("torch",)
+    devices: tuple[str, ...] = ("cpu",)
+    dtypes: tuple[str, ...] = FLOAT_DTYPES
+    grad: bool = True  # differentiable w.r.t. q, k, v and gate
+    cross: bool = True  # Nq < Nk (decode, chunked prefill)
+    head_dims: tuple[int, int] = (1, 1 << 16)  # inclusive range of D
+    deterministic: bool = True
+
+    def refuse(self, p: Problem) -> str | None:
+        """Why this backend cannot serve ``p``, or None when it can."""
+        if p.array not in self.arrays:
+            return f"takes {'/'.join(self.arrays)} arrays, got {p.array}"
+        if "*" not in self.devices and p.device not in self.devices:
+            return f"runs on {'/'.join(self.devices)}, got device {p.device}"
+        if p.dtype not in self.dtypes:
+            return f"supports {'/'.join(self.dtypes)}, got {p.dtype}"
+        if p.requires_grad and not self.grad:
+            return "has no backward pass, but an input requires grad"
+        if p.len_q < p.len_k and not self.cross:
+            return f"needs Nq == Nk, got Nq={p.len_q} < Nk={p.len_k}"
+        lo, hi = self.head_dims
+        if not lo <= p.head_dim <= hi:
+            return f"supports head dims {lo}..{hi}, got D={p.head_dim}"
+        return None
+
+
+def _always_available() -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An attention backend, as a plugin registers it."""
+
+    name: str
+    forward: Callable  # forward(q, k, v, gate, *, window, scale) -> out
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    priority: int = 0  # backend=None picks the highest available that can serve
+    available: Callable[[], str | None] = _always_available
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """One row of ``aha.backends()``: a backend, or a plugin that broke."""
+
+    name: str
+    plugin: str  # entry point name
+    distribution: str
+    version: str
+    status: str  # "available", "unavailable" or "broken"
+    reason: str | None
+    backend: Backend | None
+
+
+class Registry:
+    """Loads plugins once, lazily, and answers which backend serves a call."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loaded = False
+        self.pm = pluggy.PluginManager("aha")
+        self.pm.add_hookspecs(hookspecs)
+        self._rows: dict[str, BackendInfo] = {}
+        self._broken: list[BackendInfo] = []
+
+    def reload(self) -> None:
+        """Forget everything and load the plugins again (tests, notebooks)."""
+        with self._lock:
+            self.__init__()
+
+    def add_plugin(self, plugin, name: str, distribution: str = "", version: str = "") -> None:
+        """Register a plugin object directly, bypassing entry points (tests, notebooks)."""
+        self._ensure_loaded()
+        self._register_plugin(plugin, name, distribution, version)
+
+    def _ensure_loaded(self) -> None:
+        with self._lock:
+            if not self._loaded:
+                self._loaded = True
+                for ep in _selected_entry_points():
+                    self._load_entry_point(ep)
+
+    def _load_entry_point(self, ep) -> None:
+        dist = ep.dist.name if ep.dist else "?"
+        version = ep.dist.version if ep.dist else "?"
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # a broken plugin must not break aha
+            self._report_broken(ep.name, dist, version, exc)
+            return
+        self._register_plugin(plugin, ep.name, dist, version)
+
+    def _register_plugin(self, plugin, name: str, dist: str, version: str) -> None:
+        found: list[Backend] = []
+        try:
+            self.pm.register(plugin, name=name)
+            others = [p for p in self.pm.get_plugins() if p is not plugin]
+            self.pm.subset_hook_caller("register_backends", others)(register=found.append)
+        except Exception as exc:
+            if self.pm.is_registered(plugin):
+                self.pm.unregister(plugin)
+            self._report_broken(name, dist, version, exc)
+            return
+        for backend in found:
+            if not isinstance(backend, Backend):
+                self._report_broken(name, dist, version, TypeError(f"registered {backend!r}, not an aha.Backend"))
+            elif backend.name in self._rows:
+                self._report_broken(name, dist, version, ValueError(f"backend name {backend.name!r} is already registered by {self._rows[backend.name].distribution}"))
+            else:
+                self._rows[backend.name] = _describe(backend, name, dist, version)
+
+    def _report_broken(self, name: str, dist: str, version: str, exc: Exception) -> None:
+        msg = f"aha plugin {name!r} from distribution {dist!r} failed to load: {type(exc).__name__}: {exc}"
+        if os.environ.get("AHA_STRICT_PLUGINS", "") not in ("", "0"):
+            raise PluginError(msg) from exc
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        self._broken.append(BackendInfo(name, name, dist, version, "broken", f"{type(exc).__name__}: {exc}", None))
+
+    def rows(self) -> list[BackendInfo]:
+        """Every backend (sorted by priority) followed by the broken plugins."""
+        self._ensure_loaded()
+        ordered = sorted(self._rows.values(), key=lambda r: (-r.backend.priority, r.name))
+        return ordered + list(self._broken)
+
+    def get(self, name: str) -> BackendInfo | None:
+        self._ensure_loaded()
+        return self._rows.get(name)
+
+
+def _describe(backend: Backend, plugin: str, dist: str, version: str) -> BackendInfo:
+    try:
+        reason = backend.available()
+    except Exception as exc:
+        reason = f"availability check failed: {type(exc).__name__}: {exc}"
+    status = "available" if reason is None else "unavailable"
+    return BackendInfo(backend.name, plugin, dist, version, status, reason, backend)
+
+
+def _selected_entry_points():
+    wanted = {w.strip() for w in os.environ.get("AHA_LOAD_PLUGINS", "").split(",") if w.strip()}
+    for ep in sorted(entry_points(group="aha"), key=lambda e: e.name):
+        dist = ep.dist.name if ep.dist else ""
+        if not wanted or ep.name in wanted or dist in wanted:
+            yield ep
+
+
+registry = Registry()
+
+
+def select_backend(problem: Problem, name: str | None) -> Backend:
+    """The backend that serves ``problem``: ``name``'s, or the best available one."""
+    rows = [r for r in registry.rows() if r.backend is not None]
+    fits = [r.name for r in rows if r.status == "available" and r.backend.capabilities.refuse(problem) is None]
+    if name is None:
+        if not fits:
+            raise BackendError(f"no available aha backend can serve {_summary(problem)}; see `python -m aha backends`")
+        return registry.get(fits[0]).backend
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a backend name (str) or None, got {type(name).__name__}")
+    row = registry.get(name)
+    if row is None:
+        known = ", ".join(r.name for r in rows) or "none"
+        raise ValueError(f"backend {name!r} is not registered; registered backends: {known}")
+    why = row.reason if row.status != "available" else row.backend.capabilities.refuse(problem)
+    if why is not None:
+        raise BackendError(f"backend {name!r} cannot serve {_summary(problem)}: {why}. Backends that can: {', '.join(fits) or 'none'}")
+    return row.backend
+
+
+def _summary(p: Problem) -> str:
+    grad = ", with grad" if p.requires_grad else ""
+    return f"{p.array} {p.dtype} on {p.device} (B={p.batch}, Hq={p.heads_q}, Hkv={p.heads_kv}, Nq={p.len_q}, Nk={p.len_k}, D={p.head_dim}{grad})"

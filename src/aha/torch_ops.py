@@ -1,0 +1,120 @@
+"""Torch pieces shared by the torch-based backends: mixing, routing, token sets, masks.
+
+Importing this module needs torch; ``import aha`` does not import it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from aha.window import position_offset
+
+__all__ = [
+    "Mix",
+    "mix",
+    "RouteSTE",
+    "is_hard_gate",
+    "all_mask",
+    "here_mask",
+    "window_key_positions",
+    "tokens_where",
+    "pad_token_rows",
+]
+
+
+class Mix(torch.autograd.Function):
+    """out = g * All + (1 - g) * Here, selecting where g is exactly 0 or 1.
+
+    The selection keeps a NaN of the unselected branch out of ``out`` (0 * NaN
+    would be NaN), while the gradients are those of the blend:
+    dAll = g * dout, dHere = (1 - g) * dout, dg = sum_d dout * (All - Here).
+    """
+
+    @staticmethod
+    def forward(ctx, g, out_all, out_here):
+        g4 = g.unsqueeze(-1).to(out_all.dtype)  # (B, Hq, Nq, 1)
+        blend = g4 * out_all + (1 - g4) * out_here
+        out = torch.where(g4 == 1, out_all, torch.where(g4 == 0, out_here, blend))
+        ctx.save_for_backward(g4, out_all, out_here)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        g4, out_all, out_here = ctx.saved_tensors
+        dg = None
+        if ctx.needs_input_grad[0]:
+            acc = torch.promote_types(out_all.dtype, torch.float32)
+            diff = out_all.to(acc) - out_here.to(acc)
+            dg = (dout.to(acc) * diff).sum(-1).to(g4.dtype)  # (B, Hq, Nq)
+        return dg, g4 * dout, (1 - g4) * dout
+
+
+def mix(g: torch.Tensor, out_all: torch.Tensor, out_here: torch.Tensor) -> torch.Tensor:
+    """See :class:`Mix`. g: [B, Hq, Nq] bool or float; branches [B, Hq, Nq, D]."""
+    if g.dtype == torch.bool:
+        g = g.to(out_all.dtype)
+    return Mix.apply(g, out_all, out_here)
+
+
+class RouteSTE(torch.autograd.Function):
+    """Hard gate 1[sigmoid(logits) > threshold] with the straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, threshold):
+        s = torch.sigmoid(logits.float())
+        ctx.save_for_backward(s)
+        return (s > threshold).to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, dgate):
+        (s,) = ctx.saved_tensors
+        return (dgate.float() * s * (1 - s)).to(dgate.dtype), None
+
+
+def is_hard_gate(gate: torch.Tensor) -> bool:
+    """True when every gate value is exactly 0 or 1 (a bool gate always is)."""
+    if gate.dtype == torch.bool:
+        return True
+    return bool(((gate == 0) | (gate == 1)).all())
+
+
+def all_mask(nq: int, nk: int, device=None) -> torch.Tensor:
+    """[Nq, Nk] bool: key j is visible to an All query i (j <= pos(i))."""
+    pos = position_offset(nq, nk) + torch.arange(nq, device=device)
+    return torch.arange(nk, device=device) <= pos[:, None]
+
+
+def here_mask(nq: int, nk: int, window: int, device=None) -> torch.Tensor:
+    """[Nq, Nk] bool: key j is in the window of a Here query i (pos(i) - window < j <= pos(i))."""
+    pos = position_offset(nq, nk) + torch.arange(nq, device=device)
+    j = torch.arange(nk, device=device)
+    return (j <= pos[:, None]) & (j > pos[:, None] - window)
+
+
+def window_key_positions(pos: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key positions of each Here window, oldest first, and which of them exist.
+
+    pos: [M] -> positions [M, window] clamped to >= 0, valid [M, window] bool.
+    """
+    kpos = pos[:, None] - (window - 1) + torch.arange(window, device=pos.device)
+    return kpos.clamp_min(0), kpos >= 0
+
+
+def tokens_where(selected: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(b, h, i) index vectors of the selected tokens of a [B, H, N] bool tensor."""
+    return selected.nonzero(as_tuple=True)
+
+
+def pad_token_rows(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact the selected tokens of each (b, h) row to the front.
+
+    selected: [B, H, N] bool -> idx [B, H, n_max] (token index, padded with 0)
+    and valid [B, H, n_max] bool, where n_max is the largest count in a row.
+    Token order inside a row is kept (a stable compaction).
+    """
+    count = selected.sum(-1)  # (B, H)
+    n_max = int(count.max()) if selected.numel() else 0
+    order = torch.argsort((~selected).to(torch.int8), dim=-1, stable=True)  # selected first
+    idx = order[..., :n_max]  # (B, H, n_max)
+    valid = torch.arange(n_max, device=selected.device) < count[..., None]
+    return torch.where(valid, idx, torch.zeros_like(idx)), valid
