@@ -19,6 +19,8 @@ __all__ = [
     "window_key_positions",
     "tokens_where",
     "pad_token_rows",
+    "token_tile_spans",
+    "merge_partials",
 ]
 
 
@@ -118,3 +120,38 @@ def pad_token_rows(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     idx = order[..., :n_max]  # (B, H, n_max)
     valid = torch.arange(n_max, device=selected.device) < count[..., None]
     return torch.where(valid, idx, torch.zeros_like(idx)), valid
+
+
+def token_tile_spans(pos: torch.Tensor, valid: torch.Tensor, block: int) -> list[tuple[int, int]]:
+    """Key spans of tiles of compacted All tokens.
+
+    pos, valid: [B, H, n] positions of compacted tokens (sorted in each row) and
+    which are real. Tile ``t`` holds rows ``[t * block, (t + 1) * block)`` of every
+    (b, h); it returns ``(lo, hi)``: every real token of the tile reads all keys
+    ``< lo`` and none ``>= hi`` (lo = its smallest position, hi = largest + 1).
+    A tile without real tokens gets ``(0, 0)``.
+    """
+    n = pos.shape[-1]
+    pad = (-n) % block
+    big = torch.iinfo(pos.dtype).max
+    p = torch.nn.functional.pad(pos, (0, pad)).unflatten(-1, (-1, block))  # (B, H, T, block)
+    v = torch.nn.functional.pad(valid, (0, pad)).unflatten(-1, (-1, block))
+    lo = torch.where(v, p, big).amin(dim=(0, 1, 3))  # (T,)
+    hi = torch.where(v, p + 1, 0).amax(dim=(0, 1, 3))
+    return [(int(a), int(b)) if b > 0 else (0, 0) for a, b in zip(lo.tolist(), hi.tolist(), strict=True)]
+
+
+def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over a union of disjoint key sets, from each set's result.
+
+    parts: (out [..., D], lse [...]) per key set, lse = log sum exp of its scores.
+    Returns (out, lse) over the union, in float32. A set that a row does not
+    read has lse = -inf there and contributes nothing (its out must be finite there).
+    """
+    if len(parts) == 1:
+        out, lse = parts[0]
+        return out.float(), lse.float()
+    lse = torch.stack([p[1].float() for p in parts]).logsumexp(0)
+    safe = torch.where(torch.isfinite(lse), lse, 0.0)  # rows no set reads stay -inf, out 0
+    out = sum(p[0].float() * torch.exp(p[1].float() - safe).unsqueeze(-1) for p in parts)
+    return out, lse

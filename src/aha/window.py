@@ -15,6 +15,8 @@ Conventions (see docs/spec.md)::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 __all__ = [
     "position_offset",
     "query_position",
@@ -22,6 +24,8 @@ __all__ = [
     "key_range",
     "key_block_range",
     "num_blocks",
+    "HereBands",
+    "here_bands",
 ]
 
 
@@ -65,3 +69,44 @@ def key_block_range(
     lo, _ = key_range(first_pos, window, is_all)
     _, hi = key_range(last_pos, window, is_all)
     return lo // block_n, num_blocks(hi, block_n)
+
+
+@dataclass(frozen=True)
+class HereBands:
+    """Tiling of the Here branch into query tiles and the band of keys each tile reads.
+
+    Query tile ``t`` holds queries ``[t * block, (t + 1) * block)`` (the last one
+    padded past ``nq``); its band is the ``span = halo + block`` keys starting at
+    absolute position ``key_start + t * block``. ``halo`` is a whole number of
+    tiles, so a band is key tiles ``t - halo // block .. t`` of a key sequence
+    padded with ``pad_left`` keys before position 0 and ``pad_right`` after nk.
+    Inside a band, query row ``r`` reads key column ``c`` iff
+    ``0 <= r + halo - c < window`` (and the key exists: ``c >= edge(t)``).
+    """
+
+    block: int
+    halo: int
+    span: int
+    tiles: int
+    key_start: int  # absolute position of band 0's first key; < 0 reaches into padding
+    pad_left: int
+    pad_right: int
+
+    def edge(self, t: int) -> int:
+        """Columns of band ``t`` that lie before key 0 (padding, never read)."""
+        return max(0, -(self.key_start + t * self.block))
+
+    @property
+    def edge_tiles(self) -> int:
+        """Number of leading bands that reach into the left padding."""
+        return min(self.tiles, num_blocks(self.pad_left, self.block))
+
+
+def here_bands(nq: int, nk: int, window: int, block: int) -> HereBands:
+    """Bands of keys that tiles of ``block`` Here queries read (bottom-right aligned)."""
+    halo = num_blocks(max(window - 1, 0), block) * block
+    tiles = num_blocks(nq, block)
+    key_start = position_offset(nq, nk) - halo
+    pad_left = max(0, -key_start)
+    pad_right = tiles * block - nq  # key_start + halo + tiles * block - nk
+    return HereBands(block, halo, halo + block, tiles, key_start, pad_left, pad_right)
