@@ -194,8 +194,8 @@ def test_a_gate_with_grad_runs_both_branches(monkeypatch):
 
 def test_here_tiles_without_here_tokens_are_not_computed(monkeypatch):
     chunks = []
-    real = here._chunks
-    monkeypatch.setattr(here, "_chunks", lambda *a: (chunks.append(c) or c for c in real(*a)))
+    real = here._Scores.probs
+    monkeypatch.setattr(here._Scores, "probs", lambda self, *c: chunks.append(c) or real(self, *c))
     q, k, v, _ = _inputs(1, 1, 1, 64 * 40, 64 * 40, 4, "bool")
     g = torch.ones(1, 1, 64 * 40, dtype=torch.bool)
     g[0, 0, 5] = False  # a single Here token, in tile 0
@@ -239,3 +239,20 @@ def test_no_n_by_n_matrix():
     assert res.returncode == 0, res.stderr
     grown = int(res.stdout.split()[-1])
     assert grown < n * n * 4 // 8, f"peak memory grew by {grown / 2**20:.0f} MiB"
+
+
+def test_all_tokens_far_apart_across_heads(monkeypatch):
+    """Heads whose All tokens lie far apart give wide staircases, split into many masked key ranges."""
+    monkeypatch.setattr(causal, "MASK_ELEMENTS", 64 * 64)
+    q, k, v, _ = _inputs(1, 2, 1, 300, 300, 8, "bool", seed=10)
+    g = torch.zeros(1, 2, 300, dtype=torch.bool)
+    g[0, 0, :70] = True
+    g[0, 1, 230:] = True
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = aha.attention(*leaves, g, window=16, backend="cpu")
+    np.testing.assert_allclose(_np(out), reference.attention(_np(q), _np(k), _np(v), _np(g), 16), atol=2e-6, rtol=1e-5)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(11))
+    out.backward(dout)
+    want = reference.attention_vjp(_np(q), _np(k), _np(v), _np(g), 16, _np(dout))
+    for a, w in zip(leaves, want[:3], strict=True):
+        np.testing.assert_allclose(_np(a.grad), w, atol=5e-6, rtol=1e-4)

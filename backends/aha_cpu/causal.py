@@ -18,19 +18,22 @@ from __future__ import annotations
 
 import torch
 
-from aha.torch_ops import merge_partials, pad_token_rows, token_tile_spans
+from aha.torch_ops import merge_into, pad_token_rows, token_tile_spans
 
 TILE = 64  # compacted All tokens per tile
+MASK_ELEMENTS = 1 << 22  # largest staircase mask built at once (16 MiB)
 DENSE_SHARE = 0.5  # backward: above this share of rows with a gradient, run every row densely
 
 
-def _flash(q, k, v, causal, scale):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+def _flash(q, k, v, causal, scale, mask=None):
+    """(out, lse) of softmax attention; mask: additive float, broadcast to [B, Hq, Nq, Nk]."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
 
 
-def _flash_backward(dout, q, k, v, out, lse, causal, scale):
+def _flash_backward(dout, q, k, v, out, lse, causal, scale, mask=None):
+    """(dq, dk, dv) of :func:`_flash` given the out and lse of the whole attention the call is part of."""
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout, q, k, v, out, lse, 0.0, causal, scale=scale
+        dout, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale
     )
 
 
@@ -85,10 +88,11 @@ def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def dense_forward(q, k, v, scale):
     """Causal attention of every query (bottom-right aligned) -> out [B, Hq, Nq, D], lse [B, Hq, Nq]."""
     offset = k.shape[2] - q.shape[2]
-    parts = [_flash(q, k[:, :, offset:], v[:, :, offset:], True, scale)]  # square, top-left causal
-    if offset:
-        parts.insert(0, _flash(q, k[:, :, :offset], v[:, :, :offset], False, scale))  # keys before query 0
-    return merge_partials(parts)
+    out, lse = _flash(q, k[:, :, offset:], v[:, :, offset:], True, scale)  # square, top-left causal
+    if offset:  # keys before query 0, read by every query
+        out, lse = out.contiguous(), lse.contiguous()
+        merge_into(out, lse, *_flash(q, k[:, :, :offset], v[:, :, :offset], False, scale))
+    return out, lse
 
 
 def dense_backward(dout, q, k, v, out, lse, scale):
@@ -101,13 +105,37 @@ def dense_backward(dout, q, k, v, out, lse, scale):
     return dq, dk, dv
 
 
-def _tiles(pos, valid):
-    """(r0, r1, lo, hi) per tile of compacted rows, and pos with padding rows set to their tile's lo."""
+def _plan(pos, valid):
+    """How the compacted rows read their keys: the key chunks shared by row suffixes, and the tiles.
+
+    Tile t (rows [t*TILE, (t+1)*TILE)) reads every key below lo_t and a staircase [lo_t, hi_t).
+    Key chunk t = [lo_{t-1}, lo_t) (lo_{-1} = 0) is read whole by every row from tile t on, so
+    each chunk is one unmasked flash call over a suffix of the rows. Padding rows get
+    position lo_t: they read [0, lo_t], inside their tile's ranges.
+    """
     spans = token_tile_spans(pos, valid, TILE)
     lo_of_row = torch.tensor([lo for lo, _ in spans]).repeat_interleave(TILE)[: pos.shape[-1]]
-    pos = torch.where(valid, pos, lo_of_row)  # padding rows read [0, lo]: inside the tile's ranges
+    pos = torch.where(valid, pos, lo_of_row)
+    bounds = [0] + [lo for lo, _ in spans]
+    chunks = [(t * TILE, bounds[t], bounds[t + 1]) for t in range(len(spans)) if bounds[t + 1] > bounds[t]]
     tiles = [(t * TILE, min(pos.shape[-1], (t + 1) * TILE), lo, hi) for t, (lo, hi) in enumerate(spans)]
-    return tiles, pos
+    return chunks, tiles, pos
+
+
+def _staircases(pos, lo, hi, width):
+    """Key ranges [a, b) of at most ``width`` keys covering [lo, hi), with each range's additive mask.
+
+    pos: [B, Hq, R] -> mask [B, Hq, R, b - a], 0 where key <= pos, else -inf; and the rows that
+    read no key of the range ([B, Hq, R] bool), whose lse must be set to -inf.
+    """
+    for a in range(lo, hi, width):
+        b = min(hi, a + width)
+        read = torch.arange(a, b) <= pos.unsqueeze(-1)  # (B, Hq, R, b - a)
+        yield a, b, torch.where(read, 0.0, float("-inf")), pos < a
+
+
+def _stair_width(rows, tile_rows):
+    return max(TILE, MASK_ELEMENTS // max(1, rows.shape[0] * rows.shape[1] * tile_rows))
 
 
 def rows_forward(rows, pos, valid, k, v, scale):
@@ -115,64 +143,54 @@ def rows_forward(rows, pos, valid, k, v, scale):
 
     Returns out [B, Hq, n, D] and lse [B, Hq, n], float32.
     """
-    tiles, pos = _tiles(pos, valid)
-    out = rows.new_empty(rows.shape)
-    lse = rows.new_empty(rows.shape[:3])
-    for r0, r1, lo, hi in tiles:
-        qt = rows[:, :, r0:r1]
-        parts = [_flash(qt, k[:, :, :lo], v[:, :, :lo], False, scale)] if lo else []
-        parts.append(_masked_forward(qt, pos[:, :, r0:r1], k[:, :, lo:hi], v[:, :, lo:hi], lo, scale))
-        out[:, :, r0:r1], lse[:, :, r0:r1] = merge_partials(parts)
+    chunks, tiles, pos = _plan(pos, valid)
+    out = rows.new_zeros(rows.shape)
+    lse = rows.new_full(rows.shape[:3], float("-inf"))
+    for r0, a, b in chunks:  # unmasked: keys [a, b) for every row from r0 on
+        merge_into(out[:, :, r0:], lse[:, :, r0:], *_flash(rows[:, :, r0:], k[:, :, a:b], v[:, :, a:b], False, scale))
+    for r0, r1, lo, hi in tiles:  # the staircase of each tile
+        qt, pt = rows[:, :, r0:r1], pos[:, :, r0:r1]
+        for a, b, mask, none in _staircases(pt, lo, hi, _stair_width(rows, r1 - r0)):
+            o, part_lse = _flash(qt, k[:, :, a:b], v[:, :, a:b], False, scale, mask)
+            merge_into(out[:, :, r0:r1], lse[:, :, r0:r1], o, part_lse.masked_fill(none, float("-inf")))
     return out, lse
 
 
 def rows_backward(dout, rows, pos, valid, k, v, out, lse, scale):
-    """Gradients of :func:`rows_forward`: d rows [B, Hq, n, D], dk, dv [B, Hkv, Nk, D]."""
-    tiles, pos = _tiles(pos, valid)
-    dq, dk, dv = torch.empty_like(rows), torch.zeros_like(k), torch.zeros_like(v)
+    """Gradients of :func:`rows_forward` from its merged out and lse: d rows, dk, dv."""
+    chunks, tiles, pos = _plan(pos, valid)
+    dq, dk, dv = torch.zeros_like(rows), torch.zeros_like(k), torch.zeros_like(v)
+
+    def add(r0, r1, a, b, grads):
+        dq[:, :, r0:r1] += grads[0]
+        dk[:, :, a:b] += grads[1]
+        dv[:, :, a:b] += grads[2]
+
+    n = rows.shape[2]
+    for r0, a, b in chunks:
+        sl = slice(r0, n)
+        add(
+            r0,
+            n,
+            a,
+            b,
+            _flash_backward(
+                dout[:, :, sl], rows[:, :, sl], k[:, :, a:b], v[:, :, a:b], out[:, :, sl], lse[:, :, sl], False, scale
+            ),
+        )
     for r0, r1, lo, hi in tiles:
-        qt, do, ot, lt = rows[:, :, r0:r1], dout[:, :, r0:r1], out[:, :, r0:r1], lse[:, :, r0:r1]
-        dq_t, dk_t, dv_t = _masked_backward(do, qt, pos[:, :, r0:r1], k[:, :, lo:hi], v[:, :, lo:hi], lo, ot, lt, scale)
-        dk[:, :, lo:hi] += dk_t
-        dv[:, :, lo:hi] += dv_t
-        if lo:
-            dq0, dk0, dv0 = _flash_backward(do, qt, k[:, :, :lo], v[:, :, :lo], ot, lt, False, scale)
-            dq_t += dq0
-            dk[:, :, :lo] += dk0
-            dv[:, :, :lo] += dv0
-        dq[:, :, r0:r1] = dq_t
-    return dq, dk, dv
-
-
-def _staircase_scores(qt, pt, ks, lo, scale):
-    """Scores of rows qt [B, Hq, R, D] over keys ks [B, Hkv, L, D] at lo.., -inf past each row's position."""
-    b, hq, r, d = qt.shape
-    hkv, n = ks.shape[1], ks.shape[2]
-    s = torch.matmul((qt * scale).reshape(b, hkv, -1, d), ks.transpose(-1, -2))  # (B, Hkv, G*R, L)
-    past = lo + torch.arange(n) > pt.unsqueeze(-1)  # (B, Hq, R, L)
-    return s.view(b, hq, r, n).masked_fill_(past, float("-inf"))
-
-
-def _masked_forward(qt, pt, ks, vs, lo, scale):
-    """Rows qt [B, Hq, R, D] at positions pt over keys [lo, lo + L) -> out [B, Hq, R, D], lse [B, Hq, R]."""
-    b, hq, r, d = qt.shape
-    s = _staircase_scores(qt, pt, ks, lo, scale)
-    m = s.amax(-1, keepdim=True)
-    p = s.sub_(m).exp_()
-    total = p.sum(-1, keepdim=True)  # (B, Hq, R, 1)
-    out = torch.matmul(p.view(b, ks.shape[1], -1, ks.shape[2]), vs).view(b, hq, r, d) / total
-    return out, (m + total.log()).squeeze(-1)
-
-
-def _masked_backward(do, qt, pt, ks, vs, lo, out, lse, scale):
-    """Gradients of the staircase part given the merged out and lse: dq [B, Hq, R, D], dk, dv [B, Hkv, L, D]."""
-    b, hq, r, d = qt.shape
-    hkv, n = ks.shape[1], ks.shape[2]
-    p = _staircase_scores(qt, pt, ks, lo, scale).sub_(lse.unsqueeze(-1)).exp_()  # (B, Hq, R, L)
-    dog = do.reshape(b, hkv, -1, d)  # (B, Hkv, G*R, D)
-    delta = (do * out).sum(-1, keepdim=True)  # (B, Hq, R, 1)
-    ds = torch.matmul(dog, vs.transpose(-1, -2)).view(b, hq, r, n).sub_(delta).mul_(p).view(b, hkv, -1, n)
-    dq = torch.matmul(ds, ks).view(b, hq, r, d) * scale
-    dk = torch.matmul(ds.transpose(-1, -2), (qt * scale).reshape(b, hkv, -1, d))
-    dv = torch.matmul(p.view(b, hkv, -1, n).transpose(-1, -2), dog)
+        sl = slice(r0, r1)
+        for a, b, mask, _ in _staircases(pos[:, :, sl], lo, hi, _stair_width(rows, r1 - r0)):
+            grads = _flash_backward(
+                dout[:, :, sl],
+                rows[:, :, sl],
+                k[:, :, a:b],
+                v[:, :, a:b],
+                out[:, :, sl],
+                lse[:, :, sl],
+                False,
+                scale,
+                mask,
+            )
+            add(r0, r1, a, b, grads)
     return dq, dk, dv

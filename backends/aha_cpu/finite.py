@@ -19,6 +19,8 @@ _ELEMENTS_PER_CHUNK = 1 << 22  # gathered key elements per chunk of exact rows
 
 def split_finite(k: torch.Tensor, v: torch.Tensor):
     """(k, v, None) when every key and value is finite, else zeroed copies and bad [B, Hkv, Nk]."""
+    if torch.isfinite(k.sum() + v.sum()):  # one cheap pass; a NaN or inf anywhere makes the sum non-finite
+        return k, v, None
     bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # (B, Hkv, Nk)
     if not bool(bad.any()):
         return k, v, None

@@ -20,7 +20,7 @@ __all__ = [
     "tokens_where",
     "pad_token_rows",
     "token_tile_spans",
-    "merge_partials",
+    "merge_into",
 ]
 
 
@@ -141,17 +141,14 @@ def token_tile_spans(pos: torch.Tensor, valid: torch.Tensor, block: int) -> list
     return [(int(a), int(b)) if b > 0 else (0, 0) for a, b in zip(lo.tolist(), hi.tolist(), strict=True)]
 
 
-def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention over a union of disjoint key sets, from each set's result.
+def merge_into(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor) -> None:
+    """Fold softmax attention over more keys into a partial result, in place (online softmax).
 
-    parts: (out [..., D], lse [...]) per key set, lse = log sum exp of its scores.
-    Returns (out, lse) over the union, in float32. A set that a row does not
-    read has lse = -inf there and contributes nothing (its out must be finite there).
+    out [..., D], lse [...]: attention over some keys and its log-sum-exp (-inf where a row
+    has read none yet; out must be finite there, e.g. 0). part_out, part_lse: the same over a
+    disjoint set of keys. Afterwards (out, lse) cover both sets. float32.
     """
-    if len(parts) == 1:
-        out, lse = parts[0]
-        return out.float(), lse.float()
-    lse = torch.stack([p[1].float() for p in parts]).logsumexp(0)
-    safe = torch.where(torch.isfinite(lse), lse, 0.0)  # rows no set reads stay -inf, out 0
-    out = sum(p[0].float() * torch.exp(p[1].float() - safe).unsqueeze(-1) for p in parts)
-    return out, lse
+    new = torch.logaddexp(lse, part_lse)
+    safe = new.nan_to_num(neginf=0.0)  # rows that read no key in either set stay -inf, out 0
+    out.mul_(torch.exp(lse - safe).unsqueeze(-1)).addcmul_(part_out, torch.exp(part_lse - safe).unsqueeze(-1))
+    lse.copy_(new)
