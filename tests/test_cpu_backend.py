@@ -158,16 +158,18 @@ def test_non_finite_keys_in_the_gradients():
 
 
 class _Calls:
-    """Counts the branch functions that the cpu backend applies."""
+    """Records the rows that the cpu backend hands to each branch (None: every token)."""
 
     def __init__(self, monkeypatch):
         self.all, self.here = [], []
-        for name, log in (("AllBranch", self.all), ("HereBranch", self.here)):
+        for name, log, at in (("AllBranch", self.all, 4), ("HereBranch", self.here, 5)):
             real = getattr(cpu_attention, name)
             spy = type(
-                name, (), {"apply": staticmethod(lambda *a, real=real, log=log: log.append(a) or real.apply(*a))}
+                name, (), {"apply": staticmethod(lambda *a, r=real, log=log, at=at: log.append(a[at]) or r.apply(*a))}
             )
             monkeypatch.setattr(cpu_attention, name, spy)
+        real_into = cpu_attention.all_tokens_into
+        monkeypatch.setattr(cpu_attention, "all_tokens_into", lambda *a: self.all.append(a[5]) or real_into(*a))
 
 
 def test_a_gate_without_grad_skips_the_unselected_branch(monkeypatch):
@@ -176,20 +178,20 @@ def test_a_gate_without_grad_skips_the_unselected_branch(monkeypatch):
     aha.attention(q, k, v, torch.zeros(1, 2, 300, dtype=torch.bool), window=16, backend="cpu")
     assert calls.all == [] and len(calls.here) == 1
     aha.attention(q, k, v, torch.ones(1, 2, 300), window=16, backend="cpu")
-    assert len(calls.all) == 1 and len(calls.here) == 1
+    assert calls.all == [None] and len(calls.here) == 1
     g = torch.zeros(1, 2, 300, dtype=torch.bool)
     g[0, 0, 7] = g[0, 1, 250] = True
-    aha.attention(q, k, v, g, window=16, backend="cpu")
-    idx = calls.all[-1][4]  # compacted All tokens: one row per head
-    assert idx.shape == (1, 2, 1) and idx.flatten().tolist() == [7, 250]
-    assert torch.equal(calls.here[-1][5], ~g)  # Here for the Here tokens' tiles
+    for grad in (False, True):  # inference, and q, k, v needing grads
+        aha.attention(q.requires_grad_(grad), k, v, g, window=16, backend="cpu")
+        assert torch.equal(calls.all[-1], g)  # All for the All tokens only
+        assert torch.equal(calls.here[-1], ~g)  # Here for the Here tokens' tiles
 
 
 def test_a_gate_with_grad_runs_both_branches(monkeypatch):
     calls = _Calls(monkeypatch)
     q, k, v, _ = _inputs(1, 2, 1, 40, 40, 8, "bool")
     aha.attention(q, k, v, torch.zeros(1, 2, 40, requires_grad=True), window=16, backend="cpu")
-    assert len(calls.all) == 1 and calls.all[0][4] is None and len(calls.here) == 1
+    assert calls.all == [None] and calls.here == [None]  # every token, both branches
 
 
 def test_here_tiles_without_here_tokens_are_not_computed(monkeypatch):
@@ -214,7 +216,7 @@ def test_all_backward_compacts_the_rows_with_a_gradient(monkeypatch):
     gl = g.clone().requires_grad_()
     out = aha.attention(*leaves, gl, window=10, backend="cpu")
     out.backward(torch.ones_like(out))
-    assert len(seen) == 1 and seen[0][2] == int(g.sum(-1).max())  # the All tokens only
+    assert len(seen) == 1 and seen[0][2] == int(g.sum())  # the All tokens only, both heads of the kv head
 
 
 _MEMORY_PROBE = """

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from aha.torch_ops import is_hard_gate, mix, pad_token_rows
-from aha_cpu.causal import AllBranch
+from aha.torch_ops import is_hard_gate, mix
+from aha_cpu.causal import AllBranch, all_tokens_into
 from aha_cpu.finite import repair, split_finite
 from aha_cpu.here import HereBranch
 
@@ -39,7 +39,7 @@ def attention(q, k, v, gate, *, window, scale=None):
             out = repair(out, q, k, v, bad, None, scale, among=is_all)
             out = repair(out, q, k, v, bad, window, scale, among=~is_all)
         return out.to(dtype)
-    out_all = AllBranch.apply(q, k_fin, v_fin, scale, None, None)
+    out_all = AllBranch.apply(q, k_fin, v_fin, scale, None)
     out_here = HereBranch.apply(q, k_fin, v_fin, window, scale, None) if window < k.shape[2] else out_all
     if bad is not None:
         out_all = repair(out_all, q, k, v, bad, None, scale)
@@ -52,13 +52,13 @@ def _routed(q, k, v, is_all, window, scale):
     """Each token computes only its selected branch (float32)."""
     n_all, n = int(is_all.sum()), is_all.numel()
     if n_all == n or window >= k.shape[2]:
-        return AllBranch.apply(q, k, v, scale, None, None)
+        return AllBranch.apply(q, k, v, scale, None)
     here = HereBranch.apply(q, k, v, window, scale, ~is_all)
     if n_all == 0:
         return here
     if n_all > DENSE_SHARE * n:
-        return torch.where(is_all.unsqueeze(-1), AllBranch.apply(q, k, v, scale, None, None), here)
-    idx, valid = pad_token_rows(is_all)  # (B, Hq, n_max)
-    rows = AllBranch.apply(q, k, v, scale, idx, valid)  # (B, Hq, n_max, D)
-    b, h, r = valid.nonzero(as_tuple=True)
-    return here.index_put((b, h, idx[b, h, r]), rows[b, h, r])
+        return torch.where(is_all.unsqueeze(-1), AllBranch.apply(q, k, v, scale, None), here)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return torch.where(is_all.unsqueeze(-1), AllBranch.apply(q, k, v, scale, is_all), here)
+    all_tokens_into(here, q, k, v, scale, is_all)  # inference: the All rows overwrite their Here rows
+    return here

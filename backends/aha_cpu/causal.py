@@ -1,17 +1,19 @@
-"""The All branch on the CPU: causal attention for every query, or for compacted All tokens.
+"""The All branch on the CPU: causal attention for every query, or for the All tokens only.
 
 Dense key tiles go through torch's fused CPU flash-attention kernel, which keeps
 a running max and sum in float32 and returns each row's log-sum-exp. Partial
 results over disjoint key ranges are merged by their log-sum-exps
-(:func:`aha.torch_ops.merge_partials`), and the backward reuses the same key
+(:func:`aha.torch_ops.merge_into`), and the backward reuses the same key
 ranges with the merged out and lse, so nothing is recomputed densely.
 
-All tokens are gathered per (batch, head) into dense rows, ``TILE`` rows to a
-tile (:func:`aha.torch_ops.pad_token_rows`). A tile's rows all read every key
-below its smallest position ``lo`` (one unmasked flash call on keys [0, lo)) and
-a staircase of keys in [lo, hi) (:func:`_masked_forward`, by matmul with a
-mask). The G query heads of a kv head read it in place: K and V are never
-repeated per query head.
+All tokens are gathered per (batch, kv head) into dense rows ordered by
+position (:class:`_Units`; the G query heads of a kv head share rows, so K and
+V are read in place, never repeated per query head), ``TILE`` rows to a tile.
+A tile's rows all read every key below its smallest position ``lo`` and a
+staircase of keys in [lo, hi). The keys below ``lo`` are cut into chunks at the
+tiles' ``lo``: chunk t is read whole by every row from tile t on, so it is one
+unmasked flash call over a suffix of the rows, with as many rows as possible
+per call. The staircases are flash calls with an additive mask.
 """
 
 from __future__ import annotations
@@ -38,51 +40,79 @@ def _flash_backward(dout, q, k, v, out, lse, causal, scale, mask=None):
 
 
 class AllBranch(torch.autograd.Function):
-    """All attention in float32, for every query (idx=None) or for compacted tokens.
+    """All attention in float32 of the tokens in ``rows`` [B, Hq, Nq] bool (None: every token).
 
-    q: [B, Hq, Nq, D]; k, v: [B, Hkv, Nk, D]; idx, valid: [B, Hq, n] from
-    :func:`aha.torch_ops.pad_token_rows`. Returns [B, Hq, Nq, D], or
-    [B, Hq, n, D] for compacted tokens (padding rows hold garbage).
+    q: [B, Hq, Nq, D]; k, v: [B, Hkv, Nk, D]. Returns [B, Hq, Nq, D]; tokens not in rows hold
+    garbage (select them away, as ``torch.where(rows, out, ...)`` does).
+    The backward runs only the rows whose gradient is not zero.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, idx, valid):
-        ctx.scale, ctx.q_shape = scale, q.shape
-        if idx is None:
+    def forward(ctx, q, k, v, scale, rows):
+        ctx.scale = scale
+        if rows is None:
             out, lse = dense_forward(q, k, v, scale)
             ctx.save_for_backward(q, k, v, out, lse)
             return out
-        rows = _gather_rows(q, idx)  # (B, Hq, n, D)
-        pos = k.shape[2] - q.shape[2] + idx
-        out, lse = rows_forward(rows, pos, valid, k, v, scale)
-        ctx.save_for_backward(rows, k, v, out, lse, idx, valid)
-        return out
+        units = _Units(rows, k.shape[1], k.shape[2])
+        q_rows = units.gather(q)  # (B, Hkv, n, D)
+        out, lse = rows_forward(q_rows, units.pos, units.valid, k, v, scale)
+        ctx.save_for_backward(q_rows, k, v, out, lse)
+        ctx.units = units
+        return units.scatter(out, q.new_empty(q.shape))
 
     @staticmethod
     def backward(ctx, dout):
         dout = dout.float()
-        if len(ctx.saved_tensors) == 5:
+        if not hasattr(ctx, "units"):
             q, k, v, out, lse = ctx.saved_tensors
             live = (dout != 0).any(-1)  # (B, Hq, Nq): rows that get a gradient
             if live.float().mean() > DENSE_SHARE:
-                return (*dense_backward(dout, q, k, v, out, lse, ctx.scale), None, None, None)
-            idx, valid = pad_token_rows(live)
-            rows, out, lse, dout = (_gather_rows(x, idx) for x in (q, out, lse, dout))
+                return (*dense_backward(dout, q, k, v, out, lse, ctx.scale), None, None)
+            units = _Units(live, k.shape[1], k.shape[2])
+            q_rows, out, lse = units.gather(q), units.gather(out), units.gather(lse)
+            q_shape = q.shape
         else:
-            rows, k, v, out, lse, idx, valid = ctx.saved_tensors
-        dout = dout * valid.unsqueeze(-1)  # padding rows repeat index 0: no gradient through them
-        pos = k.shape[2] - ctx.q_shape[2] + idx
-        dq_rows, dk, dv = rows_backward(dout, rows, pos, valid, k, v, out, lse, ctx.scale)
-        dq_rows = dq_rows * valid.unsqueeze(-1)  # padding rows repeat index 0
-        dq = dq_rows.new_zeros(ctx.q_shape).scatter_add_(2, idx.unsqueeze(-1).expand_as(dq_rows), dq_rows)
-        return dq, dk, dv, None, None, None
+            q_rows, k, v, out, lse = ctx.saved_tensors
+            units = ctx.units
+            q_shape = dout.shape
+        do = units.gather(dout) * units.valid.unsqueeze(-1)  # padding rows repeat a token: no gradient
+        dq_rows, dk, dv = rows_backward(do, q_rows, units.pos, units.valid, k, v, out, lse, ctx.scale)
+        return units.scatter(dq_rows, dq_rows.new_zeros(q_shape)), dk, dv, None, None
 
 
-def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows idx [B, H, n] of x [B, H, N, ...] -> [B, H, n, ...]."""
-    if x.dim() == 3:
-        return torch.gather(x, 2, idx)
-    return torch.gather(x, 2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+class _Units:
+    """Tokens of [B, Hq, Nq] gathered per (batch, kv head) and ordered by position.
+
+    The G query heads of a kv head read the same keys, so their tokens share rows and tiles:
+    the tokens of a unit lie G times denser than those of one head, and a tile's positions
+    spread G times less. b, h, i, pos, valid: [B, Hkv, n] (padding rows repeat a token).
+    """
+
+    def __init__(self, rows: torch.Tensor, hkv: int, nk: int):
+        b, hq, nq = rows.shape
+        g = hq // hkv
+        by_position = rows.reshape(b, hkv, g, nq).transpose(2, 3).reshape(b, hkv, nq * g)  # index i * G + head
+        idx, self.valid = pad_token_rows(by_position)  # (B, Hkv, n)
+        self.i = idx // g
+        self.h = torch.arange(hkv)[:, None] * g + idx % g  # query head
+        self.b = torch.arange(b)[:, None, None].expand_as(idx)
+        self.pos = nk - nq + self.i
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of x [B, Hq, Nq, ...] -> [B, Hkv, n, ...]."""
+        return x[self.b, self.h, self.i]
+
+    def scatter(self, rows: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`gather` on the real rows: [B, Hkv, n, D] written into [B, Hq, Nq, D]."""
+        v = self.valid
+        return into.index_put_((self.b[v], self.h[v], self.i[v]), rows[v])
+
+
+def all_tokens_into(out, q, k, v, scale, rows):
+    """Without autograd: All attention of the tokens in rows [B, Hq, Nq] written into out [B, Hq, Nq, D]."""
+    units = _Units(rows, k.shape[1], k.shape[2])
+    units.scatter(rows_forward(units.gather(q), units.pos, units.valid, k, v, scale)[0], out)
 
 
 def dense_forward(q, k, v, scale):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from aha.window import HereBands, here_bands
 
-BLOCK = 64  # queries per tile
+BLOCK = 32  # queries per tile
 SCORES_PER_CHUNK = 1 << 18  # float32 scores computed at once (1 MiB): stays in L2
 
 
@@ -39,8 +39,8 @@ class HereBranch(torch.autograd.Function):
         qt = _tiles(q, bands, k.shape[1])  # (BH, T, G*block, D)
         todo = None if rows is None else _tiles(rows.unsqueeze(-1), bands, k.shape[1]).flatten(2).any(-1)
         out = torch.empty_like(qt)
-        if todo is not None:
-            out.masked_fill_(~todo[..., None, None], 0.0)
+        if todo is not None and not bool(todo.all()):
+            out[~todo] = 0.0
         scores = _Scores(bands, window, qt, k, v, scale)
         for bh, t0, t1 in scores.chunks(todo):
             torch.bmm(scores.probs(bh, t0, t1), scores.vb(bh, t0, t1), out=out[bh, t0:t1])
