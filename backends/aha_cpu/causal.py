@@ -22,7 +22,7 @@ import torch
 
 from aha.torch_ops import merge_into, pad_token_rows, token_tile_spans
 
-TILE = 64  # compacted All tokens per tile
+TILE = 32  # compacted All tokens per tile
 MASK_ELEMENTS = 1 << 22  # largest staircase mask built at once (16 MiB)
 DENSE_SHARE = 0.5  # backward: above this share of rows with a gradient, run every row densely
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from aha.window import HereBands, here_bands
+from aha_cpu.threads import parallel, workers
 
 BLOCK = 32  # queries per tile
 SCORES_PER_CHUNK = 1 << 18  # float32 scores computed at once (1 MiB): stays in L2
@@ -36,17 +37,26 @@ class HereBranch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, window, scale, rows):
         bands = here_bands(q.shape[2], k.shape[2], window, BLOCK)
-        qt = _tiles(q, bands, k.shape[1])  # (BH, T, G*block, D)
-        todo = None if rows is None else _tiles(rows.unsqueeze(-1), bands, k.shape[1]).flatten(2).any(-1)
-        out = torch.empty_like(qt)
+        b, hq, nq, d = q.shape
+        hkv, g = k.shape[1], hq // k.shape[1]
+        qt = _tiles(q, bands, hkv)  # (BH, T, G*block, D)
+        todo = None if rows is None else _tiles(rows.unsqueeze(-1), bands, hkv).flatten(2).any(-1)  # (BH, T)
+        out = q.new_empty(b, hkv, g, bands.tiles, bands.block, d)  # q's layout, whole tiles
         if todo is not None and not bool(todo.all()):
-            out[~todo] = 0.0
+            out.masked_fill_(~todo.view(b, hkv, 1, bands.tiles, 1, 1), 0.0)
         scores = _Scores(bands, window, qt, k, v, scale)
-        for bh, t0, t1 in scores.chunks(todo):
-            torch.bmm(scores.probs(bh, t0, t1), scores.vb(bh, t0, t1), out=out[bh, t0:t1])
+
+        def chunk(item, worker):
+            bh, t0, t1 = item
+            p, vb, o = scores.probs(bh, t0, t1), scores.vb(bh, t0, t1), out[bh // hkv, bh % hkv]
+            for h in range(g):  # each query head's rows straight into its place in the output
+                torch.bmm(p[:, h * bands.block : (h + 1) * bands.block], vb, out=o[h, t0:t1])
+
+        parallel(chunk, scores.chunks(todo))
+        out = out.view(b, hq, -1, d)[:, :, :nq]
         ctx.save_for_backward(q, k, v, out)
         ctx.window, ctx.scale = window, scale
-        return _untiles(out, q.shape)
+        return out if not bands.pad_right else out.contiguous()
 
     @staticmethod
     def backward(ctx, dout):
@@ -54,19 +64,32 @@ class HereBranch(torch.autograd.Function):
         bands = here_bands(q.shape[2], k.shape[2], ctx.window, BLOCK)
         qt = _tiles(q, bands, k.shape[1])
         dot = _tiles(dout.float(), bands, k.shape[1])  # (BH, T, G*block, D)
-        delta = (dot * out).sum(-1, keepdim=True)  # (BH, T, G*block, 1)
+        delta = _tiles((dout.float() * out).sum(-1, keepdim=True), bands, k.shape[1])  # (BH, T, G*block, 1)
         scores = _Scores(bands, ctx.window, qt, k, v, ctx.scale)
         dq = torch.zeros_like(qt)
         dk = q.new_zeros(k.shape[0] * k.shape[1], bands.tiles * bands.block + bands.halo, k.shape[3])
         dv = torch.zeros_like(dk)  # (BH, band rows, D): row r is key key_start + r
-        for bh, t0, t1 in scores.chunks((dot != 0).flatten(2).any(-1)):  # tiles whose rows get a gradient
-            p = scores.probs(bh, t0, t1)  # (c, G*block, span)
-            do = dot[bh, t0:t1]
-            ds = torch.bmm(do, scores.vb(bh, t0, t1).transpose(1, 2)).sub_(delta[bh, t0:t1]).mul_(p)
-            torch.bmm(ds, scores.kb(bh, t0, t1), out=dq[bh, t0:t1])
-            keys = _band_rows(bands, t0, t1)
-            dk[bh].index_add_(0, keys, torch.bmm(ds.transpose(1, 2), qt[bh, t0:t1]).flatten(0, 1), alpha=ctx.scale)
-            dv[bh].index_add_(0, keys, torch.bmm(p.transpose(1, 2), do).flatten(0, 1))
+
+        def segment(item, worker):
+            """Chunks of one (batch, kv head) and run of tiles; dk, dv of their band rows."""
+            chunks = item[1]
+            r0 = chunks[0][1] * bands.block  # band rows [r0, r1) of these tiles
+            r1 = chunks[-1][2] * bands.block + bands.halo
+            dk_seg, dv_seg = dk.new_zeros(r1 - r0, dk.shape[2]), dv.new_zeros(r1 - r0, dv.shape[2])
+            for bh, t0, t1 in chunks:
+                p = scores.probs(bh, t0, t1)  # (c, G*block, span)
+                do = dot[bh, t0:t1]
+                ds = torch.bmm(do, scores.vb(bh, t0, t1).transpose(1, 2)).sub_(delta[bh, t0:t1]).mul_(p)
+                torch.bmm(ds, scores.kb(bh, t0, t1), out=dq[bh, t0:t1])
+                keys = _band_rows(bands, t0, t1) - r0
+                dk_seg.index_add_(0, keys, torch.bmm(ds.transpose(1, 2), qt[bh, t0:t1]).flatten(0, 1), alpha=ctx.scale)
+                dv_seg.index_add_(0, keys, torch.bmm(p.transpose(1, 2), do).flatten(0, 1))
+            return item[0], r0, dk_seg, dv_seg
+
+        todo = (dot != 0).flatten(2).any(-1)  # (BH, T): tiles whose rows get a gradient
+        for bh, r0, dk_seg, dv_seg in parallel(segment, _segments(scores.chunks(todo), workers())):
+            dk[bh, r0 : r0 + dk_seg.shape[0]] += dk_seg  # neighbouring segments share their halo rows
+            dv[bh, r0 : r0 + dv_seg.shape[0]] += dv_seg
         dq = _untiles(dq.mul_(ctx.scale), q.shape)
         return dq, _unpad_keys(dk, bands, k.shape), _unpad_keys(dv, bands, k.shape), None, None, None
 
@@ -146,6 +169,19 @@ class _KeyBands:
         d = s.shape[-1]
         first = b.key_start + t0 * b.block - base
         return s.as_strided((t1 - t0, b.span, d), (b.block * d, d, 1), s.storage_offset() + first * d)
+
+
+def _segments(chunks, n_workers: int) -> list:
+    """Group chunks (bh, t0, t1) into runs of one bh, about 4 per worker over all: [(bh, [chunks])]."""
+    by_bh: dict[int, list] = {}
+    for c in chunks:
+        by_bh.setdefault(c[0], []).append(c)
+    per_bh = max(1, -(-4 * n_workers // max(1, len(by_bh))))  # runs per bh
+    out = []
+    for bh, cs in by_bh.items():
+        step = max(1, -(-len(cs) // per_bh))
+        out += [(bh, cs[i : i + step]) for i in range(0, len(cs), step)]
+    return out
 
 
 def _additive(read: torch.Tensor) -> torch.Tensor:
