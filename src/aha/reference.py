@@ -118,7 +118,7 @@ def attention(q, k, v, gate, window, scale=None):
 
 
 def attention_vjp(q, k, v, gate, window, dout, scale=None):
-    """Explicit VJP of :func:`attention`: returns (dq, dk, dv, dgate) in float64.
+    """Explicit VJP of ``attention``: returns (dq, dk, dv, dgate) in float64.
 
     dAll = gate * dout, dHere = (1 - gate) * dout, and
     dgate[b, h, i] = sum_d dout[b, h, i, d] * (All - Here)[b, h, i, d].
@@ -156,6 +156,6 @@ def sparsity_loss(logits) -> float:
 
 
 def sparsity_loss_vjp(logits, dloss=1.0):
-    """Gradient of :func:`sparsity_loss`: dloss * s * (1 - s) / logits.size."""
+    """Gradient of ``sparsity_loss``: dloss * s * (1 - s) / logits.size."""
     s = _sigmoid(np.asarray(logits, dtype=np.float64))
     return dloss * s * (1.0 - s) / s.size
