@@ -24,29 +24,29 @@ def builtin_rows():
 
 
 def table(rows) -> str:
-    """Markdown table, one line per backend, in the registry's order (highest priority first)."""
+    """Markdown table, one line per backend in the registry's order (highest priority first), then what each is."""
     lines = [
-        "| backend | priority | arrays | devices | dtypes | grad | Nq < Nk | head dim D | what it is |",
-        "|---|---:|---|---|---|---|---|---|---|",
+        "| backend | priority | arrays | devices | dtypes | features | head dim D |",
+        "|---|---:|---|---|---|---|---|",
     ]
+    notes = []
     for r in rows:
         if r.backend is None:
             raise RuntimeError(f"built-in plugin {r.name!r} is broken: {r.reason}")
         c = r.backend.capabilities
-        devices = "any torch device" if "*" in c.devices else ", ".join(c.devices)
+        devices = "any" if "*" in c.devices else ", ".join(c.devices)
         cells = [
             f"`{r.name}`",
             str(r.backend.priority),
             ", ".join(c.arrays),
             devices,
             ", ".join(c.dtypes),
-            "yes" if c.grad else "no",
-            "yes" if c.cross else "no",
+            ", ".join(f for f, on in (("grad", c.grad), ("Nq < Nk", c.cross)) if on) or "—",
             f"{c.head_dims[0]}–{c.head_dims[1]}",
-            r.backend.description,
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        notes.append(f"- `{r.name}`: {r.backend.description}")
+    return "\n".join(lines + [""] + notes)
 
 
 def committed(text: str) -> str:
@@ -57,7 +57,7 @@ def committed(text: str) -> str:
 def write(page: Path = PAGE) -> None:
     before, rest = page.read_text().split(START, 1)
     after = rest.split(END, 1)[1]
-    page.write_text(f"{before}{START}\n{table(builtin_rows())}\n{END}{after}")
+    page.write_text(f"{before}{START}\n{table(builtin_rows())}\n\n{END}{after}")
 
 
 if __name__ == "__main__":

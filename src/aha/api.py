@@ -19,8 +19,8 @@ def attention(q, k, v, gate, *, window, scale=None, backend=None):
         gate (Tensor | ndarray): [B, Hq, Nq], bool or q's floating dtype, values in [0, 1].
             1 = All (every key up to the token), 0 = Here (the last ``window``
             keys, the token's own included). Usually ``aha.route(logits)``.
-        window (int): >= 1, the number of keys a Here token reads. ``window >= Nk``
-            makes Here equal to All.
+        window (int): the number of keys a Here token reads, at least 1.
+            ``window >= Nk`` makes Here equal to All.
         scale (float | None): softmax scale, ``1/sqrt(D)`` by default.
         backend (str | None): a registered backend name, or None for the highest-priority
             available backend whose capabilities accept these inputs.
@@ -40,7 +40,7 @@ def attention(q, k, v, gate, *, window, scale=None, backend=None):
 
     Query i sits at position ``Nk - Nq + i`` (bottom-right alignment). For
     ``Nq = Nk = 6``, ``window = 3``, a Here row and an All row look like this
-    (x = key read)::
+    (x = key read):
 
         Here, i = 4:  . . x x x .        All, i = 4:  x x x x x .
     """
@@ -75,7 +75,7 @@ def route(logits, threshold: float = 0.5):
 
     Raises:
         ValueError: threshold outside (0, 1).
-        TypeError: logits neither a floating tensor nor a numpy array.
+        TypeError: logits is neither a numpy array nor a floating torch tensor.
     """
     if not 0.0 < float(threshold) < 1.0:
         raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold!r}")

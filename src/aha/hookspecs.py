@@ -1,7 +1,7 @@
 """The plugin hooks of ``aha``. These docstrings are the plugin author's documentation.
 
 A plugin is a module (or any object) that implements some of these hooks with
-``@aha.hookimpl`` and is announced through the entry-point group ``aha``::
+``@aha.hookimpl`` and is announced through the entry-point group ``aha``:
 
     [project.entry-points.aha]
     mybackend = "my_package.plugin"

@@ -5,7 +5,7 @@ written to be read, not to be fast: one loop over query positions, and for
 each query an explicit slice of the keys that its branch reads. Keys outside
 that slice are never touched, so a NaN there cannot leak into the output.
 
-Shapes::
+Shapes:
 
     q: [B, Hq, Nq, D]   k, v: [B, Hkv, Nk, D]   gate: [B, Hq, Nq]
     query head h reads kv head h // (Hq // Hkv)

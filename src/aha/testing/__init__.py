@@ -1,6 +1,6 @@
 """Testing tools for AHA backends: strategies, checks and the conformance suite.
 
-Third-party backend authors run the same suite as the built-in backends::
+Third-party backend authors run the same suite as the built-in backends:
 
     python -m aha conformance --backend mybackend
 
