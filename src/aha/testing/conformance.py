@@ -12,7 +12,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hypothesis import given, note
+from hypothesis import HealthCheck, note, settings
+from hypothesis import given as _given
 from hypothesis import strategies as st
 
 import aha
@@ -22,6 +23,12 @@ from aha.testing.golden import golden_cases
 from aha.testing.strategies import Case, aha_cases, edge_cases, make_inputs
 from aha.torch_ops import all_mask, here_mask
 from aha.window import position_offset
+
+
+def given(**strategies):
+    """hypothesis.given with the suite's fixed settings: no deadline (backends differ wildly in speed)."""
+    relaxed = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return lambda test: relaxed(_given(**strategies)(test))
 
 
 def _attend(be, inp, case, gate=None, **kw):
