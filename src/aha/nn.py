@@ -190,7 +190,7 @@ class AHAAttention(nn.Module):
             width = head_dim if qk_norm == "head" else None
             self.q_norm = RMSNorm(width or num_heads * head_dim, norm_eps, **f)
             self.k_norm = RMSNorm(width or num_kv_heads * head_dim, norm_eps, **f)
-        self.router = None if fused_router else Router(hidden_size, num_heads, bias=router_bias, **f)
+        self.router = None if fused_router else Router(hidden_size, num_heads, router_bias, threshold, **f)
         self.gate_bias = nn.Parameter(torch.zeros(num_heads, **f)) if fused_router and router_bias else None
         self._observers: OrderedDict[int, Observer] = OrderedDict()  # weak-referenceable, for RemovableHandle
 
@@ -214,14 +214,8 @@ class AHAAttention(nn.Module):
             logits = logits + self.gate_bias
         return q, logits.transpose(1, 2)  # (B, Hq, N)
 
-    def forward(self, x, *, position_embeddings=None, position_ids=None, cache=None) -> torch.Tensor:
-        """x [B, N, C] -> [B, N, C].
-
-        position_embeddings: (cos, sin) [B or 1, N, D] from the caller's rotary embedding;
-        else RoPE at ``position_ids`` [B or 1, N] (default: after the cached tokens) when rope_theta is set.
-        cache: a :class:`KVCache` or a transformers ``DynamicCache``; the new queries align
-        bottom-right against the cached keys.
-        """
+    def _project(self, x):
+        """x [B, N, C] -> q [B, Hq, N, D], k, v [B, Hkv, N, D] (qk-normed), logits [B, Hq, N]."""
         b, n, _ = x.shape
         q, logits = self.project_query(x)
         k, v = self.k_proj(x), self.v_proj(x)
@@ -232,7 +226,19 @@ class AHAAttention(nn.Module):
         v = v.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v, logits
+
+    def forward(self, x, *, position_embeddings=None, position_ids=None, cache=None) -> torch.Tensor:
+        """x [B, N, C] -> [B, N, C].
+
+        position_embeddings: (cos, sin) [B or 1, N, D] from the caller's rotary embedding;
+        else RoPE at ``position_ids`` [B or 1, N] (default: after the cached tokens) when rope_theta is set.
+        cache: a :class:`KVCache` or a transformers ``DynamicCache``; the new queries align
+        bottom-right against the cached keys.
+        """
+        b, n, _ = x.shape
         offset = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        q, k, v, logits = self._project(x)
         if position_embeddings is None and self.rope_theta is not None:
             if position_ids is None:
                 position_ids = torch.arange(offset, offset + n, device=x.device)[None]  # (1, N)
