@@ -256,7 +256,11 @@ class AHAAttention(nn.Module):
         gate = hard_gate(logits, self.threshold)  # (B, Hq, N), 1 = All
         for fn in tuple(self._observers.values()):
             fn(self, logits, gate, offset)
-        if gate.dtype != torch.bool:
+        if self.window >= k.shape[-2]:
+            # Here == All when the window holds every key: the gate cannot change the output
+            # (and dgate = sum dout * (All - Here) = 0), so let the backend run plain causal attention.
+            gate = torch.ones(gate.shape, dtype=torch.bool, device=gate.device)
+        elif gate.dtype != torch.bool:
             gate = gate.to(q.dtype)
         out = aha.attention(q, k, v, gate, window=self.window, backend=self.backend)  # (B, Hq, N, D)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
