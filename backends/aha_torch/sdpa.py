@@ -37,6 +37,15 @@ def aha_sdpa(q, k, v, gate, *, window, scale=None):
     return mix(gate, _all_dense(q, k, v, scale), out_here)
 
 
+def aha_sdpa_seqlens(q, k, v, gate, *, window, scale=None, cache_seqlens):
+    """Sequences of different cache lengths: each attends to k[b, :, :cache_seqlens[b]] only."""
+    outs = [
+        aha_sdpa(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], gate[b : b + 1], window=window, scale=scale)
+        for b, n in enumerate(cache_seqlens.tolist())
+    ]
+    return torch.cat(outs)  # (B, Hq, Nq, D)
+
+
 def _here(q, k, v, window, scale):
     """Here branch for every query. -> [B, Hq, Nq, D]"""
     if bool(torch.isfinite(k).all() and torch.isfinite(v).all()):

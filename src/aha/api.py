@@ -8,7 +8,7 @@ from aha.validation import array_kind, validate_attention
 __all__ = ["attention", "route", "sparsity_loss", "backends", "select"]
 
 
-def attention(q, k, v, gate, *, window, scale=None, backend=None):
+def attention(q, k, v, gate, *, window, scale=None, cache_seqlens=None, backend=None):
     """All-or-Here attention: per token and head, full causal attention (All) or a sliding window (Here).
 
     Args:
@@ -22,6 +22,11 @@ def attention(q, k, v, gate, *, window, scale=None, backend=None):
         window (int): the number of keys a Here token reads, at least 1.
             ``window >= Nk`` makes Here equal to All.
         scale (float | None): softmax scale, ``1/sqrt(D)`` by default.
+        cache_seqlens (Tensor | ndarray | None): optional [B] ints, for a batch of
+            sequences of different lengths in one KV cache: sequence b's keys are
+            ``k[b, :, :cache_seqlens[b]]`` and its queries sit at
+            ``cache_seqlens[b] - Nq + i``. Keys past that are never read. Needs a
+            backend whose capabilities declare ``seqlens``.
         backend (str | None): a registered backend name, or None for the highest-priority
             available backend whose capabilities accept these inputs.
 
@@ -44,18 +49,20 @@ def attention(q, k, v, gate, *, window, scale=None, backend=None):
 
         Here, i = 4:  . . x x x .        All, i = 4:  x x x x x .
     """
-    problem = validate_attention(q, k, v, gate, window, scale)
+    problem = validate_attention(q, k, v, gate, window, scale, cache_seqlens)
     chosen = select_backend(problem, backend)
-    return chosen.forward(q, k, v, gate, window=problem.window, scale=scale)
+    if cache_seqlens is None:
+        return chosen.forward(q, k, v, gate, window=problem.window, scale=scale)
+    return chosen.forward(q, k, v, gate, window=problem.window, scale=scale, cache_seqlens=cache_seqlens)
 
 
-def select(q, k, v, gate, *, window, scale=None, backend=None) -> str:
+def select(q, k, v, gate, *, window, scale=None, cache_seqlens=None, backend=None) -> str:
     """The name of the backend that ``attention`` would use for these inputs.
 
     Takes the same arguments as ``attention``, validates them the same way,
     and raises the same errors; it computes nothing.
     """
-    return select_backend(validate_attention(q, k, v, gate, window, scale), backend).name
+    return select_backend(validate_attention(q, k, v, gate, window, scale, cache_seqlens), backend).name
 
 
 def route(logits, threshold: float = 0.5):

@@ -55,6 +55,7 @@ class Capabilities:
     dtypes: tuple[str, ...] = FLOAT_DTYPES
     grad: bool = True  # differentiable w.r.t. q, k, v and gate
     cross: bool = True  # Nq < Nk (decode, chunked prefill)
+    seqlens: bool = False  # per-sequence cache lengths (cache_seqlens)
     head_dims: tuple[int, int] = (1, 1 << 16)  # inclusive range of D
     deterministic: bool = True
 
@@ -74,6 +75,8 @@ class Capabilities:
             return "has no backward pass, but an input requires grad"
         if p.len_q < p.len_k and not self.cross:
             return f"needs Nq == Nk, got Nq={p.len_q} < Nk={p.len_k}"
+        if p.seqlens and not self.seqlens:
+            return "takes no cache_seqlens"
         lo, hi = self.head_dims
         if not lo <= p.head_dim <= hi:
             return f"supports head dims {lo}..{hi}, got D={p.head_dim}"
