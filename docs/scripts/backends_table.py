@@ -41,7 +41,7 @@ def table(rows) -> str:
             ", ".join(c.arrays),
             devices,
             ", ".join(c.dtypes),
-            ", ".join(f for f, on in (("grad", c.grad), ("Nq < Nk", c.cross)) if on) or "—",
+            ", ".join(f for f, on in (("grad", c.grad), ("Nq < Nk", c.cross), ("cache_seqlens", c.seqlens)) if on) or "—",
             f"{c.head_dims[0]}–{c.head_dims[1]}",
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -129,7 +129,8 @@ class AHAAttention(nn.Module):
         window: keys a Here token reads, its own included (>= 1).
         num_kv_heads: Hkv (GQA), Hq by default; Hq % Hkv == 0.
         head_dim: D, C // Hq by default.
-        qkv_bias, out_bias: biases of q/k/v and of o.
+        qkv_bias: biases of the q, k and v projections.
+        out_bias: bias of the o projection.
         qk_norm: None; ``"full"`` an RMS norm over the whole q and k projections (OLMo-2);
             ``"head"`` one over each head's D (Qwen3 style). It never covers the gate rows.
         norm_eps: epsilon of the qk norms.

@@ -45,6 +45,8 @@ class Capabilities:
         grad: whether it is differentiable w.r.t. q, k, v and gate. A backend
             without ``grad`` is skipped when any input requires grad.
         cross: whether it serves ``Nq < Nk`` (decoding, chunked prefill against a KV cache).
+        seqlens: whether it takes ``cache_seqlens``, per-sequence key lengths in a batch;
+            ``forward`` then receives ``cache_seqlens=`` as a keyword.
         head_dims: inclusive range ``(lo, hi)`` of the head dim D it serves.
         deterministic: whether two identical calls give bitwise identical results.
             Informational: selection does not look at it.
@@ -97,7 +99,8 @@ class Backend:
         forward: ``forward(q, k, v, gate, *, window, scale) -> out``. Receives
             inputs that passed validation (shapes, dtypes, devices, ``window`` an
             int >= 1; ``scale`` may be None, meaning ``1/sqrt(D)``) and returns
-            ``out`` [B, Hq, Nq, D] in q's dtype on q's device.
+            ``out`` [B, Hq, Nq, D] in q's dtype on q's device. A backend that
+            declares ``seqlens`` also gets ``cache_seqlens=`` when the caller gave it.
         capabilities: what it can serve; see ``Capabilities``.
         priority: ``backend=None`` picks the highest-priority available backend
             whose capabilities accept the call.
