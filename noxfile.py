@@ -37,7 +37,7 @@ def conformance(session):
 @nox.session(python=PY)
 def lint(session):
     session.install("ruff")
-    session.run("ruff", "check", "src", "backends", "tests", "noxfile.py")
+    session.run("ruff", "check", "src", "backends", "tests", "docs/scripts", "examples", "noxfile.py")
 
 
 @nox.session(python=PY)
