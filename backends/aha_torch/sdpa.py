@@ -2,13 +2,17 @@
 
 Two paths share one entry point:
 
-* routed (a hard gate that needs no grad): Here only for the tokens routed Here,
-  each reading exactly its ``window`` keys, and All only for the tokens routed
-  All, compacted per (batch, head). The work follows the routing.
+* routed (a hard gate that needs no grad): All only for the tokens routed All,
+  compacted per (batch, head), and the Here branch, whose cost is O(window) a
+  token. The work follows the routing.
 * dense (a soft gate, or a gate that needs grad): both branches for every
   token, mixed by :func:`aha.torch_ops.mix`, so dgate = sum_d dout * (All - Here).
 
-Here tokens gather their own window of keys, so keys outside it are never read.
+The Here branch runs over query blocks of ``c`` tokens, each against the slab of
+``c + window - 1`` keys that covers its windows, with a band mask. A masked key
+still enters p @ V as 0 * v, so when k or v holds a non-finite value the Here
+branch instead gathers each token's own window (exact, slower): a NaN outside a
+Here token's window never reaches it.
 """
 
 from __future__ import annotations
@@ -26,20 +30,52 @@ _CHUNK_ELEMENTS = 1 << 22
 def aha_sdpa(q, k, v, gate, *, window, scale=None):
     """q: [B, Hq, Nq, D], k, v: [B, Hkv, Nk, D], gate: [B, Hq, Nq] -> [B, Hq, Nq, D]."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out_here = _here(q, k, v, window, scale)
     if not gate.requires_grad and is_hard_gate(gate):
-        return _routed(q, k, v, gate.bool(), window, scale)
-    out_all = _all_dense(q, k, v, scale)
-    out_here = _here_tokens(q, k, v, tokens_where(torch.ones_like(gate, dtype=torch.bool)), window, scale)
-    return mix(gate, out_all, out_here.view_as(q))
+        all_idx, all_out = _all_tokens(q, k, v, gate.bool(), scale)
+        return out_here.index_put(all_idx, all_out)  # All tokens overwrite their Here rows
+    return mix(gate, _all_dense(q, k, v, scale), out_here)
 
 
-def _routed(q, k, v, is_all, window, scale):
-    """Each token computes only its selected branch."""
-    here_idx = tokens_where(~is_all)
-    all_idx, all_out = _all_tokens(q, k, v, is_all, scale)
-    out = q.new_zeros(q.shape)
-    out = out.index_put(here_idx, _here_tokens(q, k, v, here_idx, window, scale))
-    return out.index_put(all_idx, all_out)
+def aha_sdpa_seqlens(q, k, v, gate, *, window, scale=None, cache_seqlens):
+    """Sequences of different cache lengths: each attends to k[b, :, :cache_seqlens[b]] only."""
+    outs = [
+        aha_sdpa(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], gate[b : b + 1], window=window, scale=scale)
+        for b, n in enumerate(cache_seqlens.tolist())
+    ]
+    return torch.cat(outs)  # (B, Hq, Nq, D)
+
+
+def _here(q, k, v, window, scale):
+    """Here branch for every query. -> [B, Hq, Nq, D]"""
+    first = max(0, position_offset(q.shape[2], k.shape[2]) - window + 1)  # oldest key any Here token reads
+    if bool(torch.isfinite(k[:, :, first:]).all() and torch.isfinite(v[:, :, first:]).all()):
+        return _here_blocked(q, k, v, window, scale)
+    every = tokens_where(torch.ones(q.shape[:3], dtype=torch.bool, device=q.device))
+    return _here_tokens(q, k, v, every, window, scale).view_as(q)
+
+
+def _here_blocked(q, k, v, window, scale):
+    """Blocks of c queries against slabs of c + w - 1 keys, band-masked. -> [B, Hq, Nq, D]"""
+    bsz, hq, nq, d = q.shape
+    nk = k.shape[2]
+    w = min(window, nk)
+    c = min(nq, max(16, min(w, 128)))  # a decode step (Nq = 1) reads exactly its window
+    nb, off = -(-nq // c), position_offset(nq, nk)
+    span = c + w - 1
+    qb = F.pad(q, (0, 0, 0, nb * c - nq)).view(bsz, hq, nb, c, d).transpose(1, 2)  # (B, nb, Hq, c, D)
+    start = off - w + 1  # position of the first key of slab 0; may be < 0
+    pad = (0, 0, max(0, -start), nb * c - nq)  # zero keys before position 0, the query padding behind
+
+    def slabs(x):  # (B, Hkv, Nk, D) -> (B, nb, Hkv, c + w - 1, D); only the keys Here reads are copied
+        return F.pad(x[:, :, max(0, start) :], pad).unfold(2, span, c).permute(0, 2, 1, 4, 3)
+
+    r = torch.arange(c, device=q.device)[:, None]
+    s = torch.arange(span, device=q.device)
+    kpos = off - w + 1 + c * torch.arange(nb, device=q.device)[:, None, None] + s  # (nb, 1, span)
+    mask = (s >= r) & (s <= r + w - 1) & (kpos >= 0)  # (nb, c, span)
+    o = F.scaled_dot_product_attention(qb, slabs(k), slabs(v), attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=hq != k.shape[1])
+    return o.transpose(1, 2).reshape(bsz, hq, nb * c, d)[:, :, :nq]
 
 
 def _all_dense(q, k, v, scale):
@@ -72,21 +108,33 @@ def _here_tokens(q, k, v, idx, window, scale):
 
 
 def _all_tokens(q, k, v, is_all, scale):
-    """All branch for the tokens routed All, compacted per (b, h).
+    """All branch for the tokens routed All, compacted per (b, kv head).
 
+    The All tokens of the query heads sharing a kv head are gathered to the front of
+    one row; only rows holding an All token run, each against a view of its own kv
+    head. A decode step whose heads are mostly Here thus reads few full caches.
     Returns the (b, h, i) index of each All token and its output [M, D].
     """
-    idx, valid = pad_token_rows(is_all)  # (B, Hq, n)
-    nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
-    bsz, hq, n = idx.shape
-    gqa = q.shape[1] != k.shape[1]
-    step = max(1, _CHUNK_ELEMENTS // max(1, bsz * hq * nk))
-    rows = []
-    for s in range(0, n, step):
-        ids = idx[..., s : s + step]  # (B, Hq, r)
-        qa = torch.gather(q, 2, ids.unsqueeze(-1).expand(-1, -1, -1, d))  # (B, Hq, r, D)
-        mask = torch.arange(nk, device=q.device) <= (position_offset(nq, nk) + ids).unsqueeze(-1)
-        rows.append(F.scaled_dot_product_attention(qa, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa))
-    out = torch.cat(rows, dim=2) if rows else q.new_zeros(bsz, hq, 0, d)  # (B, Hq, n, D)
-    b, h, r = valid.nonzero(as_tuple=True)
-    return (b, h, idx[b, h, r]), out[b, h, r]
+    bsz, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    idx, valid = pad_token_rows(is_all.reshape(bsz, hkv, group * nq))  # (B, Hkv, n): index g * Nq + i
+    gb, gh = valid.any(-1).nonzero(as_tuple=True)  # rows with work: R of them
+    idx, valid = idx[gb, gh], valid[gb, gh]  # (R, n)
+    qg = q.reshape(bsz, hkv, group * nq, d)[gb, gh]  # (R, G * Nq, D)
+    qa = torch.gather(qg, 1, idx.unsqueeze(-1).expand(-1, -1, d))  # (R, n, D)
+    pos = position_offset(nq, nk) + idx % nq  # (R, n)
+    step = max(1, _CHUNK_ELEMENTS // nk)
+    outs = []
+    for r, (b, h) in enumerate(zip(gb.tolist(), gh.tolist())):
+        kr, vr = k[b, h][None, None], v[b, h][None, None]  # (1, 1, Nk, D), views; 4-D lets SDPA use its fused CPU kernel
+        chunks = []
+        for s in range(0, idx.shape[1], step):
+            # A decode step's queries all sit at the last position: nothing to mask.
+            mask = None if nq == 1 else torch.arange(nk, device=q.device) <= pos[r, s : s + step, None]  # (r, Nk)
+            chunks.append(F.scaled_dot_product_attention(qa[None, r : r + 1, s : s + step], kr, vr, attn_mask=mask, scale=scale)[0])
+        outs.append(torch.cat(chunks, dim=1))  # (1, n, D)
+    out = torch.cat(outs) if outs else q.new_zeros(0, idx.shape[1], d)  # (R, n, D)
+    r, c = valid.nonzero(as_tuple=True)
+    tok = idx[r, c]
+    return (gb[r], gh[r] * group + tok // nq, tok % nq), out[r, c]
