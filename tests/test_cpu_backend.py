@@ -268,3 +268,18 @@ def test_all_tokens_far_apart_across_heads(monkeypatch):
     want = reference.attention_vjp(_np(q), _np(k), _np(v), _np(g), 16, _np(dout))
     for a, w in zip(leaves, want[:3], strict=True):
         np.testing.assert_allclose(_np(a.grad), w, atol=5e-6, rtol=1e-4)
+
+
+def test_cache_seqlens_with_gradients():
+    """Each sequence reads its own keys only (NaN past them is never read), and gradients flow."""
+    q, k, v, g = _inputs(3, 4, 2, 5, 90, 8, "soft", seed=12)
+    lens = [5, 90, 41]
+    for b, n in enumerate(lens):
+        k[b, :, n:] = v[b, :, n:] = float("nan")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g)]
+    out = aha.attention(*leaves, window=7, cache_seqlens=torch.tensor(lens), backend="cpu")
+    want = reference.attention(_np(q), _np(k), _np(v), _np(g), 7, cache_seqlens=lens)
+    np.testing.assert_allclose(_np(out), want, atol=2e-6, rtol=1e-5)
+    out.backward(torch.ones_like(out))
+    for b, n in enumerate(lens):
+        assert torch.isfinite(leaves[1].grad[b, :, :n]).all() and not leaves[1].grad[b, :, n:].any()

@@ -102,7 +102,7 @@ def test_selection_prefers_priority_and_respects_capabilities(install):
     assert aha.select(*_inputs(torch.float64), window=2) == "torch"  # fast declares float32 only
     q, k, v, g = _inputs()
     q.requires_grad_(True)
-    assert aha.select(q, k, v, g, window=2) == "torch"  # fast declares no backward
+    assert aha.select(q, k, v, g, window=2) == "cpu"  # fast declares no backward; cpu (priority 50) is next
 
 
 def test_unavailable_backend_is_listed_with_its_reason_and_skipped(install):
@@ -110,7 +110,7 @@ def test_unavailable_backend_is_listed_with_its_reason_and_skipped(install):
     row = next(r for r in aha.backends() if r.name == "gpuonly")
     assert (row.status, row.reason) == ("unavailable", "needs a GPU")
     assert aha.select(*_inputs(), window=2) != "gpuonly"
-    with pytest.raises(aha.BackendError, match=r"'gpuonly' cannot serve .*needs a GPU\. Backends that can: torch, reference"):
+    with pytest.raises(aha.BackendError, match=r"'gpuonly' cannot serve .*needs a GPU\. Backends that can: cpu, torch, reference"):
         aha.attention(*_inputs(), window=2, backend="gpuonly")
 
 

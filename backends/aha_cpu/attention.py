@@ -25,8 +25,19 @@ from aha_cpu.here import HereBranch
 DENSE_SHARE = 0.6  # routed: above this share of All tokens, All runs for every query at once
 
 
-def attention(q, k, v, gate, *, window, scale=None):
-    """q: [B, Hq, Nq, D], k, v: [B, Hkv, Nk, D], gate: [B, Hq, Nq] -> [B, Hq, Nq, D]."""
+def attention(q, k, v, gate, *, window, scale=None, cache_seqlens=None):
+    """q: [B, Hq, Nq, D], k, v: [B, Hkv, Nk, D], gate: [B, Hq, Nq] -> [B, Hq, Nq, D].
+
+    cache_seqlens [B]: sequence b reads k[b, :, :cache_seqlens[b]] only; one call per sequence.
+    """
+    if cache_seqlens is not None:
+        parts = [
+            attention(
+                q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], gate[b : b + 1], window=window, scale=scale
+            )
+            for b, n in enumerate(cache_seqlens.tolist())
+        ]
+        return torch.cat(parts)
     dtype = q.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = q.float(), k.float(), v.float()

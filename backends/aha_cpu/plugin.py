@@ -16,10 +16,10 @@ def _available() -> str | None:
     return None
 
 
-def forward(q, k, v, gate, *, window, scale=None):
+def forward(q, k, v, gate, *, window, scale=None, cache_seqlens=None):
     from aha_cpu.attention import attention
 
-    return attention(q, k, v, gate, window=window, scale=scale)
+    return attention(q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens)
 
 
 @aha.hookimpl
@@ -29,7 +29,7 @@ def register_backends(register):
             name="cpu",
             forward=forward,
             capabilities=Capabilities(
-                arrays=("torch",), devices=("cpu",), dtypes=("float32", "bfloat16"), grad=True, cross=True
+                arrays=("torch",), devices=("cpu",), dtypes=("float32", "bfloat16"), grad=True, cross=True, seqlens=True
             ),
             priority=50,
             available=_available,
