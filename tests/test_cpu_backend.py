@@ -283,3 +283,24 @@ def test_cache_seqlens_with_gradients():
     out.backward(torch.ones_like(out))
     for b, n in enumerate(lens):
         assert torch.isfinite(leaves[1].grad[b, :, :n]).all() and not leaves[1].grad[b, :, n:].any()
+
+
+def test_deterministic_and_independent_of_the_thread_count():
+    """Two identical calls agree bitwise (the backend declares determinism); one thread agrees closely."""
+    q, k, v, g = _inputs(1, 4, 2, 300, 300, 8, "hard", seed=13)
+
+    def run():
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, g)]
+        out = aha.attention(*leaves, window=40, backend="cpu")
+        return [out, *torch.autograd.grad(out, leaves, torch.ones_like(out))]
+
+    first, second = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(first, alone, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

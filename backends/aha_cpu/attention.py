@@ -3,14 +3,16 @@
 Two paths share one entry point:
 
 * routed (a hard gate that needs no grad): Here only on the query tiles that
-  hold Here tokens, All only for the All tokens, compacted per (batch, head).
-  The work follows the routing; q, k and v may still need gradients.
+  hold Here tokens, All only for the All tokens, compacted per (batch, kv head).
+  The work follows the routing; q, k and v may still need gradients. Without
+  gradients the All rows are written straight into the Here output.
 * mixed (a soft gate, or a gate that needs grad): both branches for every
   token, mixed by :func:`aha.torch_ops.mix`, so dgate = sum_d dout * (All - Here)
   comes from the two saved outputs. The backward of each branch skips the rows
   whose gradient is zero (dAll = gate * dout, dHere = (1 - gate) * dout).
 
-Everything runs in float32; the output has q's dtype.
+Everything runs in float32; the output has q's dtype. Keys or values that are
+not finite reach only the rows that read them (see :mod:`aha_cpu.finite`).
 """
 
 from __future__ import annotations
