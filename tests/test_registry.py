@@ -58,7 +58,9 @@ def _inputs(dtype=torch.float32):
 
 def test_broken_import_warns_names_distribution_and_lists_it(install):
     install("fake-broken", {"fakebroken": "fake_broken"}, {"fake_broken": "raise ImportError('no such thing')"})
-    with pytest.warns(RuntimeWarning, match=r"'fakebroken' from distribution 'fake-broken' failed to load: ImportError: no such thing"):
+    with pytest.warns(
+        RuntimeWarning, match=r"'fakebroken' from distribution 'fake-broken' failed to load: ImportError: no such thing"
+    ):
         rows = aha.backends()
     broken = [r for r in rows if r.status == "broken"]
     assert [(r.name, r.distribution, r.version) for r in broken] == [("fakebroken", "fake-broken", "1.2.3")]
@@ -106,11 +108,17 @@ def test_selection_prefers_priority_and_respects_capabilities(install):
 
 
 def test_unavailable_backend_is_listed_with_its_reason_and_skipped(install):
-    install("fake-un", {"gpuonly": "fake_gpuonly"}, {"fake_gpuonly": _backend("gpuonly", priority=1000, reason="needs a GPU")})
+    install(
+        "fake-un",
+        {"gpuonly": "fake_gpuonly"},
+        {"fake_gpuonly": _backend("gpuonly", priority=1000, reason="needs a GPU")},
+    )
     row = next(r for r in aha.backends() if r.name == "gpuonly")
     assert (row.status, row.reason) == ("unavailable", "needs a GPU")
     assert aha.select(*_inputs(), window=2) != "gpuonly"
-    with pytest.raises(aha.BackendError, match=r"'gpuonly' cannot serve .*needs a GPU\. Backends that can: cpu, torch, reference"):
+    with pytest.raises(
+        aha.BackendError, match=r"'gpuonly' cannot serve .*needs a GPU\. Backends that can: cpu, torch, reference"
+    ):
         aha.attention(*_inputs(), window=2, backend="gpuonly")
 
 

@@ -6,24 +6,27 @@ results over disjoint key ranges are merged by their log-sum-exps
 (:func:`aha.torch_ops.merge_into`), and the backward reuses the same key
 ranges with the merged out and lse, so nothing is recomputed densely.
 
-All tokens are gathered per (batch, kv head) into dense rows ordered by
-position (:class:`_Units`; the G query heads of a kv head share rows, so K and
-V are read in place, never repeated per query head), ``TILE`` rows to a tile.
-A tile's rows all read every key below its smallest position ``lo`` and a
-staircase of keys in [lo, hi). The keys below ``lo`` are cut into chunks at the
-tiles' ``lo``: chunk t is read whole by every row from tile t on, so it is one
-unmasked flash call over a suffix of the rows, with as many rows as possible
-per call. The staircases are flash calls with an additive mask.
+All tokens are gathered per unit (batch, kv head) into dense rows ordered by
+position (:class:`_Units`): the G query heads of a kv head share rows, so K
+and V are read in place, never repeated per query head. Each unit runs on its
+own, a job for the worker pool (:mod:`aha_cpu.threads`), ``TILE`` rows to a
+tile (:func:`aha.window.all_tiles`): the keys below a tile's first position are
+cut into chunks shared by all the rows from some tile on, each one unmasked
+flash call over that suffix of rows (as many rows per call as possible); the
+rest of a tile's keys, up to its last position, is one flash call with an
+additive mask.
 """
 
 from __future__ import annotations
 
 import torch
 
-from aha.torch_ops import merge_into, pad_token_rows, token_tile_spans
+from aha.torch_ops import merge_into, pad_token_rows
+from aha.window import all_tiles
+from aha_cpu.threads import parallel, workers
 
-TILE = 32  # compacted All tokens per tile
-MASK_ELEMENTS = 1 << 22  # largest staircase mask built at once (16 MiB)
+TILE = 64  # rows of All tokens per tile (a masked flash call each)
+MASK_ELEMENTS = 1 << 20  # largest staircase mask built at once (4 MiB)
 DENSE_SHARE = 0.5  # backward: above this share of rows with a gradient, run every row densely
 
 
@@ -135,92 +138,119 @@ def dense_backward(dout, q, k, v, out, lse, scale):
     return dq, dk, dv
 
 
-def _plan(pos, valid):
-    """How the compacted rows read their keys: the key chunks shared by row suffixes, and the tiles.
-
-    Tile t (rows [t*TILE, (t+1)*TILE)) reads every key below lo_t and a staircase [lo_t, hi_t).
-    Key chunk t = [lo_{t-1}, lo_t) (lo_{-1} = 0) is read whole by every row from tile t on, so
-    each chunk is one unmasked flash call over a suffix of the rows. Padding rows get
-    position lo_t: they read [0, lo_t], inside their tile's ranges.
-    """
-    spans = token_tile_spans(pos, valid, TILE)
-    lo_of_row = torch.tensor([lo for lo, _ in spans]).repeat_interleave(TILE)[: pos.shape[-1]]
-    pos = torch.where(valid, pos, lo_of_row)
-    bounds = [0] + [lo for lo, _ in spans]
-    chunks = [(t * TILE, bounds[t], bounds[t + 1]) for t in range(len(spans)) if bounds[t + 1] > bounds[t]]
-    tiles = [(t * TILE, min(pos.shape[-1], (t + 1) * TILE), lo, hi) for t, (lo, hi) in enumerate(spans)]
-    return chunks, tiles, pos
-
-
-def _staircases(pos, lo, hi, width):
-    """Key ranges [a, b) of at most ``width`` keys covering [lo, hi), with each range's additive mask.
-
-    pos: [B, Hq, R] -> mask [B, Hq, R, b - a], 0 where key <= pos, else -inf; and the rows that
-    read no key of the range ([B, Hq, R] bool), whose lse must be set to -inf.
-    """
-    for a in range(lo, hi, width):
-        b = min(hi, a + width)
-        read = torch.arange(a, b) <= pos.unsqueeze(-1)  # (B, Hq, R, b - a)
-        yield a, b, torch.where(read, 0.0, float("-inf")), pos < a
-
-
-def _stair_width(rows, tile_rows):
-    return max(TILE, MASK_ELEMENTS // max(1, rows.shape[0] * rows.shape[1] * tile_rows))
+def _jobs(pos: torch.Tensor, valid: torch.Tensor) -> list[tuple[int, int, int, int, int]]:
+    """(b, u, r0, r1, cost): runs of whole tiles of each unit's real rows, about 4 per worker in all."""
+    counts = valid.sum(-1).tolist()  # (B, Hkv)
+    units = [(b, u, n) for b, row in enumerate(counts) for u, n in enumerate(row) if n]
+    per_unit = max(1, -(-4 * workers() // max(1, len(units))))
+    jobs = []
+    for b, u, n in units:
+        cost = (pos[b, u, :n] + 1).cumsum(0).tolist()  # keys read by rows [0, r]
+        tiles = -(-n // TILE)
+        cuts = [0] + [min(n, TILE * round(tiles * j / per_unit)) for j in range(1, per_unit)] + [n]
+        for r0, r1 in zip(cuts, cuts[1:]):
+            if r1 > r0:
+                jobs.append((b, u, r0, r1, cost[r1 - 1] - (cost[r0 - 1] if r0 else 0)))
+    return jobs
 
 
 def rows_forward(rows, pos, valid, k, v, scale):
-    """All attention of compacted tokens rows [B, Hq, n, D] at positions pos [B, Hq, n].
+    """All attention of compacted tokens rows [B, Hkv, n, D] at positions pos [B, Hkv, n].
 
-    Returns out [B, Hq, n, D] and lse [B, Hq, n], float32.
+    Each unit (b, kv head) runs on its own (no rows of another unit widen its tiles), its
+    real rows first in position order. Returns out [B, Hkv, n, D] and lse [B, Hkv, n],
+    float32; padding rows hold 0 and -inf.
     """
-    chunks, tiles, pos = _plan(pos, valid)
     out = rows.new_zeros(rows.shape)
     lse = rows.new_full(rows.shape[:3], float("-inf"))
-    for r0, a, b in chunks:  # unmasked: keys [a, b) for every row from r0 on
-        merge_into(out[:, :, r0:], lse[:, :, r0:], *_flash(rows[:, :, r0:], k[:, :, a:b], v[:, :, a:b], False, scale))
-    for r0, r1, lo, hi in tiles:  # the staircase of each tile
-        qt, pt = rows[:, :, r0:r1], pos[:, :, r0:r1]
-        for a, b, mask, none in _staircases(pt, lo, hi, _stair_width(rows, r1 - r0)):
-            o, part_lse = _flash(qt, k[:, :, a:b], v[:, :, a:b], False, scale, mask)
-            merge_into(out[:, :, r0:r1], lse[:, :, r0:r1], o, part_lse.masked_fill(none, float("-inf")))
+
+    def job(item, worker):
+        b, u, r0, r1, _ = item
+        out[b, u, r0:r1], lse[b, u, r0:r1] = _unit_forward(rows[b, u, r0:r1], pos[b, u, r0:r1], k[b, u], v[b, u], scale)
+
+    parallel(job, _jobs(pos, valid), cost=lambda j: j[4])
     return out, lse
 
 
 def rows_backward(dout, rows, pos, valid, k, v, out, lse, scale):
     """Gradients of :func:`rows_forward` from its merged out and lse: d rows, dk, dv."""
-    chunks, tiles, pos = _plan(pos, valid)
     dq, dk, dv = torch.zeros_like(rows), torch.zeros_like(k), torch.zeros_like(v)
 
-    def add(r0, r1, a, b, grads):
+    def job(item, worker):
+        b, u, r0, r1, _ = item
+        sl = slice(r0, r1)
+        grads = _unit_backward(
+            dout[b, u, sl], rows[b, u, sl], pos[b, u, sl], k[b, u], v[b, u], out[b, u, sl], lse[b, u, sl], scale
+        )
+        dq[b, u, sl] = grads[0]
+        return b, u, grads[1], grads[2]
+
+    for b, u, dk_part, dv_part in parallel(job, _jobs(pos, valid), cost=lambda j: j[4]):
+        dk[b, u, : dk_part.shape[0]] += dk_part  # in job order: the sums do not depend on timing
+        dv[b, u, : dv_part.shape[0]] += dv_part
+    return dq, dk, dv
+
+
+def _unit_forward(q, pos, k, v, scale):
+    """Rows q [R, D] at ascending positions pos [R] over keys k, v [Nk, D] -> out [R, D], lse [R]."""
+    plan = all_tiles(pos.tolist(), TILE, _min_chunk(k.shape[0]))
+    q, k, v, pos = q[None, None], k[None, None], v[None, None], pos[None, None]  # (1, 1, ..)
+    out = q.new_zeros(q.shape)
+    lse = q.new_full(q.shape[:3], float("-inf"))
+    for r0, a, b in plan.chunks:  # unmasked: keys [a, b) for every row from r0 on
+        merge_into(out[:, :, r0:], lse[:, :, r0:], *_flash(q[:, :, r0:], k[:, :, a:b], v[:, :, a:b], False, scale))
+    for r0, r1, lo, hi in plan.tiles:  # each tile's staircase
+        for a, b, mask, none in _staircases(pos[:, :, r0:r1], lo, hi, MASK_ELEMENTS // (r1 - r0)):
+            o, part = _flash(q[:, :, r0:r1], k[:, :, a:b], v[:, :, a:b], False, scale, mask)
+            merge_into(out[:, :, r0:r1], lse[:, :, r0:r1], o, part.masked_fill(none, float("-inf")))
+    return out[0, 0], lse[0, 0]
+
+
+def _unit_backward(do, q, pos, k, v, out, lse, scale):
+    """Gradients of :func:`_unit_forward`: dq [R, D], and dk, dv [hi, D] of keys [0, hi)."""
+    plan = all_tiles(pos.tolist(), TILE, _min_chunk(k.shape[0]))
+    hi = plan.tiles[-1][3]
+    do, q, out, lse, pos = do[None, None], q[None, None], out[None, None], lse[None, None], pos[None, None]
+    k, v = k[None, None, :hi], v[None, None, :hi]
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    def add(r0, r1, a, b, mask=None):
+        grads = _flash_backward(
+            do[:, :, r0:r1],
+            q[:, :, r0:r1],
+            k[:, :, a:b],
+            v[:, :, a:b],
+            out[:, :, r0:r1],
+            lse[:, :, r0:r1],
+            False,
+            scale,
+            mask,
+        )
         dq[:, :, r0:r1] += grads[0]
         dk[:, :, a:b] += grads[1]
         dv[:, :, a:b] += grads[2]
 
-    n = rows.shape[2]
-    for r0, a, b in chunks:
-        sl = slice(r0, n)
-        add(
-            r0,
-            n,
-            a,
-            b,
-            _flash_backward(
-                dout[:, :, sl], rows[:, :, sl], k[:, :, a:b], v[:, :, a:b], out[:, :, sl], lse[:, :, sl], False, scale
-            ),
-        )
-    for r0, r1, lo, hi in tiles:
-        sl = slice(r0, r1)
-        for a, b, mask, _ in _staircases(pos[:, :, sl], lo, hi, _stair_width(rows, r1 - r0)):
-            grads = _flash_backward(
-                dout[:, :, sl],
-                rows[:, :, sl],
-                k[:, :, a:b],
-                v[:, :, a:b],
-                out[:, :, sl],
-                lse[:, :, sl],
-                False,
-                scale,
-                mask,
-            )
-            add(r0, r1, a, b, grads)
-    return dq, dk, dv
+    for r0, a, b in plan.chunks:
+        add(r0, q.shape[2], a, b)
+    for r0, r1, lo, hi in plan.tiles:
+        for a, b, mask, _ in _staircases(pos[:, :, r0:r1], lo, hi, MASK_ELEMENTS // (r1 - r0)):
+            add(r0, r1, a, b, mask)
+    return dq[0, 0], dk[0, 0], dv[0, 0]
+
+
+def _min_chunk(nk: int) -> int:
+    """Fewest keys per shared chunk. A chunk costs each row a merge; a coarser grain costs each row
+    more masked scores in its tile's call. Measured best near sqrt(48 Nk) (~630 keys at 8k)."""
+    return int((48 * nk) ** 0.5)
+
+
+def _staircases(pos, lo, hi, width):
+    """Key ranges [a, b) of at most ``width`` keys covering [lo, hi), with each range's additive mask.
+
+    pos: [1, 1, R] -> mask [1, 1, R, b - a], 0 where key <= pos, else -inf; and the rows that
+    read no key of the range ([1, 1, R] bool), whose lse must be set to -inf.
+    """
+    for a in range(lo, hi, max(1, width)):
+        b = min(hi, a + max(1, width))
+        read = torch.arange(a, b) <= pos.unsqueeze(-1)  # (1, 1, R, b - a)
+        yield a, b, torch.where(read, 0.0, float("-inf")), pos < a

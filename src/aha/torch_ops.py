@@ -19,7 +19,6 @@ __all__ = [
     "window_key_positions",
     "tokens_where",
     "pad_token_rows",
-    "token_tile_spans",
     "merge_into",
 ]
 
@@ -120,25 +119,6 @@ def pad_token_rows(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     idx = order[..., :n_max]  # (B, H, n_max)
     valid = torch.arange(n_max, device=selected.device) < count[..., None]
     return torch.where(valid, idx, torch.zeros_like(idx)), valid
-
-
-def token_tile_spans(pos: torch.Tensor, valid: torch.Tensor, block: int) -> list[tuple[int, int]]:
-    """Key spans of tiles of compacted All tokens.
-
-    pos, valid: [B, H, n] positions of compacted tokens (sorted in each row) and
-    which are real. Tile ``t`` holds rows ``[t * block, (t + 1) * block)`` of every
-    (b, h); it returns ``(lo, hi)``: every real token of the tile reads all keys
-    ``< lo`` and none ``>= hi`` (lo = its smallest position, hi = largest + 1).
-    A tile without real tokens gets ``(0, 0)``.
-    """
-    n = pos.shape[-1]
-    pad = (-n) % block
-    big = torch.iinfo(pos.dtype).max
-    p = torch.nn.functional.pad(pos, (0, pad)).unflatten(-1, (-1, block))  # (B, H, T, block)
-    v = torch.nn.functional.pad(valid, (0, pad)).unflatten(-1, (-1, block))
-    lo = torch.where(v, p, big).amin(dim=(0, 1, 3))  # (T,)
-    hi = torch.where(v, p + 1, 0).amax(dim=(0, 1, 3))
-    return [(int(a), int(b)) if b > 0 else (0, 0) for a, b in zip(lo.tolist(), hi.tolist(), strict=True)]
 
 
 def merge_into(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor) -> None:

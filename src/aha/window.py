@@ -26,6 +26,8 @@ __all__ = [
     "num_blocks",
     "HereBands",
     "here_bands",
+    "AllTiles",
+    "all_tiles",
 ]
 
 
@@ -110,3 +112,33 @@ def here_bands(nq: int, nk: int, window: int, block: int) -> HereBands:
     pad_left = max(0, -key_start)
     pad_right = tiles * block - nq  # key_start + halo + tiles * block - nk
     return HereBands(block, halo, halo + block, tiles, key_start, pad_left, pad_right)
+
+
+@dataclass(frozen=True)
+class AllTiles:
+    """How rows of All tokens at ascending positions read their keys: shared key chunks and tiles.
+
+    Tile t is rows ``[t * tile, (t + 1) * tile)``. The keys below its first row's position
+    are cut into chunks at some tiles' first positions, at least ``min_chunk`` keys apart:
+    chunk ``[a, b)`` is read whole by every row from the tile that starts at b on, so it
+    is one unmasked pass over a suffix of the rows. Each tile then reads the rest of its
+    keys, ``[c_t, hi_t)`` from its last chunk boundary to its last row's position + 1,
+    with a mask (row r reads key j iff j <= pos[r]).
+
+    chunks: (first row, a, b); tiles: (first row, end row, c_t, hi_t).
+    """
+
+    chunks: list[tuple[int, int, int]]
+    tiles: list[tuple[int, int, int, int]]
+
+
+def all_tiles(pos: list[int], tile: int, min_chunk: int = 1) -> AllTiles:
+    """Plan for rows at positions ``pos`` (ascending) of All tokens: see `AllTiles`."""
+    chunks, tiles, bound = [], [], 0
+    for r0 in range(0, len(pos), tile):
+        r1 = min(len(pos), r0 + tile)
+        if pos[r0] - bound >= min_chunk:  # a new chunk [bound, pos[r0]) for the rows from r0 on
+            chunks.append((r0, bound, pos[r0]))
+            bound = pos[r0]
+        tiles.append((r0, r1, bound, pos[r1 - 1] + 1))
+    return AllTiles(chunks, tiles)
