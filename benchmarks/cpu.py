@@ -108,9 +108,10 @@ def flex_contenders(q, k, v, gate):
 
     compiled = torch.compile(flex_attention, dynamic=False)
     gqa = hq != k.shape[1]
+    block_mask = torch.compile(create_block_mask)  # eager create_block_mask builds all N x N x H of the mask
     masks = {
-        "flex_aha": create_block_mask(aha_mod, 1, hq, n, n, device="cpu"),
-        "flex_window": create_block_mask(window_mod, None, None, n, n, device="cpu"),
+        "flex_aha": block_mask(aha_mod, 1, hq, n, n, device="cpu"),
+        "flex_window": block_mask(window_mod, None, None, n, n, device="cpu"),
     }
     return {name: (lambda m=m: compiled(q, k, v, block_mask=m, enable_gqa=gqa)) for name, m in masks.items()}
 

@@ -49,8 +49,10 @@ class HereBranch(torch.autograd.Function):
         def chunk(item, worker):
             bh, t0, t1 = item
             p, vb, o = scores.probs(bh, t0, t1), scores.vb(bh, t0, t1), out[bh // hkv, bh % hkv]
-            for h in range(g):  # each query head's rows straight into its place in the output
-                torch.bmm(p[:, h * bands.block : (h + 1) * bands.block], vb, out=o[h, t0:t1])
+            if g == 1:
+                torch.bmm(p, vb, out=o[0, t0:t1])
+            else:  # one product for the G heads, then each head's rows to its place in the output
+                o[:, t0:t1] = torch.bmm(p, vb).view(t1 - t0, g, bands.block, d).transpose(0, 1)
 
         parallel(chunk, scores.chunks(todo))
         out = out.view(b, hq, -1, d)[:, :, :nq]
