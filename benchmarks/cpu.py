@@ -485,6 +485,13 @@ def render_docs(results: dict) -> str:
         "| --- | --- | --- |",
     ]
     lines += [f"| {g['goal']} | {g['measured']} | {'yes' if g['met'] else '**no**'} |" for g in results["goals"]]
+    if results.get("one_thread"):
+        alone = ", ".join(f"N={r['N']} Hq={r['Hq']}: {r['ratios']['dense/cpu']:.2f}x" for r in results["one_thread"])
+        lines += [
+            "",
+            f"With one torch thread each, dense SDPA / cpu is {alone}: the ratio of the work the two do,",
+            "which the two-thread figures above scatter around as the other jobs' load comes and goes.",
+        ]
     lines += _inference_tables(results) + _training_table(results) + _scaling_tables(results) + _memory_lines(results)
     lines += HOW.splitlines()
     return "\n".join(lines) + "\n"
@@ -601,18 +608,21 @@ HOW = """
 ### How the cpu backend spends its time
 
 - Here: queries in tiles of 32; a tile reads one band of `window + 31` keys (rounded up to whole tiles),
-  a strided view of K and V. Scores with the band mask (`baddbmm`), softmax, `p @ V`, in chunks of tiles
-  that fit the L2 cache, spread over the cores by a pool of single-threaded workers. Per needed score
-  this is close to the fused kernel's cost; the band's extra keys (12% at window 256) are the waste.
-- All: the All tokens of the query heads of a kv head are gathered into rows ordered by position, in
-  tiles of 32. The keys every row of a tile reads go through torch's fused CPU flash kernel, in as few
-  calls as possible (one per tile boundary, over all the rows from that tile on); the staircase at the
-  tile's own positions is one masked call. Partial results merge by their log-sum-exps.
+  a strided view of K and V (the G query heads of a kv head share the band). Scores with the band mask
+  (`baddbmm`), softmax, `p @ V`, in chunks of tiles that fit the L2 cache, spread over the cores by a
+  pool of single-threaded workers. Per score this is close to the fused kernel's cost; the band's keys
+  past the windows (12% at window 256) are the waste.
+- All: the All tokens of the query heads of each kv head are gathered into rows ordered by position,
+  each (batch, kv head) a job for the workers, 64 rows to a tile. The keys below a tile's first
+  position go through torch's fused CPU flash kernel in chunks shared by every row from some tile on
+  (one unmasked call per chunk, over all those rows); the rest of the tile's keys, up to its last
+  position, is one call with a mask. Partial results merge by their log-sum-exps.
 - Training with gate gradients needs both branches for every token (dgate = dout . (All - Here)), so
   the forward runs dense causal attention plus Here; the backward runs Here for the Here tokens and All
   only for the rows whose gradient is not zero.
-- What keeps the cpu backend from the work ratio: the All tokens' staircases (scores computed past a
-  row's position because rows of several heads share a tile), the band's extra keys, and merges.
+- What keeps the cpu backend from the work ratio: the masked calls (they compute the whole rectangle
+  of a tile's last keys, about half of it past the rows' positions), the band's extra keys, the
+  merges, and Python's cost per chunk and call.
 """
 
 
