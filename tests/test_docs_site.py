@@ -54,7 +54,12 @@ def test_every_builtin_entry_point_is_loaded():
 
 @pytest.mark.parametrize(
     "nq, nk, window, gate",
-    [(12, 12, 4, (1, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0)), (4, 12, 3, (0, 1, 0, 0)), (5, 5, 1, (0, 0, 1, 0, 0)), (3, 7, 9, (0, 0, 0))],
+    [
+        (12, 12, 4, (1, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0)),
+        (4, 12, 3, (0, 1, 0, 0)),
+        (5, 5, 1, (0, 0, 1, 0, 0)),
+        (3, 7, 9, (0, 0, 0)),
+    ],
 )
 def test_mask_pictures_are_what_the_reference_reads(nq, nk, window, gate):
     keys_read = _spec_function("keys_read")
@@ -93,7 +98,10 @@ def test_spec_drawings_are_what_the_reference_reads():
 
 def test_spec_tolerance_table_matches_the_suite():
     text = (DOCS / "spec.md").read_text()
-    rows = {m[0]: (float(m[1]), float(m[2])) for m in re.findall(r"^\| (float\d+) \| ([\d.e-]+) \| ([\d.e-]+) \|$", text, re.M)}
+    rows = {
+        m[0]: (float(m[1]), float(m[2]))
+        for m in re.findall(r"^\| (float\d+) \| ([\d.e-]+) \| ([\d.e-]+) \|$", text, re.M)
+    }
     assert rows == checks.TOLERANCE
     low = next(line for line in text.splitlines() if line.startswith("| float16, bfloat16 |"))
     floors = re.search(r"\+ ([\d.e-]+) \(fp16\) / ([\d.e-]+) \(bf16\)", low)
@@ -124,7 +132,10 @@ def test_writing_a_backend_includes_every_file_of_the_example():
     files = {
         str(p.relative_to(ROOT))
         for p in example.rglob("*")
-        if p.is_file() and p.suffix in (".py", ".toml") and "__pycache__" not in p.parts and not any(part.endswith((".egg-info", "build")) for part in p.parts)
+        if p.is_file()
+        and p.suffix in (".py", ".toml")
+        and "__pycache__" not in p.parts
+        and not any(part.endswith((".egg-info", "build")) for part in p.parts)
     }
     assert files and included == files
     assert all((ROOT / path).is_file() for path in included)

@@ -39,7 +39,11 @@ def missing(name: str, spec, docs: str, tests: str) -> list[str]:
     doc = inspect.getdoc(spec) or ""
     if not doc.strip():
         problems.append("no docstring")
-    problems += [f"docstring does not mention argument {arg!r}" for arg in inspect.signature(spec).parameters if not re.search(rf"\b{arg}\b", doc)]
+    problems += [
+        f"docstring does not mention argument {arg!r}"
+        for arg in inspect.signature(spec).parameters
+        if not re.search(rf"\b{arg}\b", doc)
+    ]
     if not re.search(rf"^#+ .*\b{name}\b", docs, re.M):
         problems.append(f"no section (a heading naming it) in {' or '.join(DOC_PAGES)}")
     if not re.search(rf"\bdef {name}\(", tests):

@@ -74,7 +74,9 @@ def _here_blocked(q, k, v, window, scale):
     s = torch.arange(span, device=q.device)
     kpos = off - w + 1 + c * torch.arange(nb, device=q.device)[:, None, None] + s  # (nb, 1, span)
     mask = (s >= r) & (s <= r + w - 1) & (kpos >= 0)  # (nb, c, span)
-    o = F.scaled_dot_product_attention(qb, slabs(k), slabs(v), attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=hq != k.shape[1])
+    o = F.scaled_dot_product_attention(
+        qb, slabs(k), slabs(v), attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=hq != k.shape[1]
+    )
     return o.transpose(1, 2).reshape(bsz, hq, nb * c, d)[:, :, :nq]
 
 
@@ -127,12 +129,19 @@ def _all_tokens(q, k, v, is_all, scale):
     step = max(1, _CHUNK_ELEMENTS // nk)
     outs = []
     for r, (b, h) in enumerate(zip(gb.tolist(), gh.tolist())):
-        kr, vr = k[b, h][None, None], v[b, h][None, None]  # (1, 1, Nk, D), views; 4-D lets SDPA use its fused CPU kernel
+        kr, vr = (
+            k[b, h][None, None],
+            v[b, h][None, None],
+        )  # (1, 1, Nk, D), views; 4-D lets SDPA use its fused CPU kernel
         chunks = []
         for s in range(0, idx.shape[1], step):
             # A decode step's queries all sit at the last position: nothing to mask.
             mask = None if nq == 1 else torch.arange(nk, device=q.device) <= pos[r, s : s + step, None]  # (r, Nk)
-            chunks.append(F.scaled_dot_product_attention(qa[None, r : r + 1, s : s + step], kr, vr, attn_mask=mask, scale=scale)[0])
+            chunks.append(
+                F.scaled_dot_product_attention(qa[None, r : r + 1, s : s + step], kr, vr, attn_mask=mask, scale=scale)[
+                    0
+                ]
+            )
         outs.append(torch.cat(chunks, dim=1))  # (1, n, D)
     out = torch.cat(outs) if outs else q.new_zeros(0, idx.shape[1], d)  # (R, n, D)
     r, c = valid.nonzero(as_tuple=True)

@@ -19,6 +19,7 @@ __all__ = [
     "window_key_positions",
     "tokens_where",
     "pad_token_rows",
+    "merge_into",
 ]
 
 
@@ -118,3 +119,16 @@ def pad_token_rows(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     idx = order[..., :n_max]  # (B, H, n_max)
     valid = torch.arange(n_max, device=selected.device) < count[..., None]
     return torch.where(valid, idx, torch.zeros_like(idx)), valid
+
+
+def merge_into(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor) -> None:
+    """Fold softmax attention over more keys into a partial result, in place (online softmax).
+
+    out [..., D], lse [...]: attention over some keys and its log-sum-exp (-inf where a row
+    has read none yet; out must be finite there, e.g. 0). part_out, part_lse: the same over a
+    disjoint set of keys. Afterwards (out, lse) cover both sets. float32.
+    """
+    new = torch.logaddexp(lse, part_lse)
+    safe = new.nan_to_num(neginf=0.0)  # rows that read no key in either set stay -inf, out 0
+    out.mul_(torch.exp(lse - safe).unsqueeze(-1)).addcmul_(part_out, torch.exp(part_lse - safe).unsqueeze(-1))
+    lse.copy_(new)
