@@ -2,13 +2,17 @@
 
 Two paths share one entry point:
 
-* routed (a hard gate that needs no grad): Here only for the tokens routed Here,
-  each reading exactly its ``window`` keys, and All only for the tokens routed
-  All, compacted per (batch, head). The work follows the routing.
+* routed (a hard gate that needs no grad): All only for the tokens routed All,
+  compacted per (batch, head), and the Here branch, whose cost is O(window) a
+  token. The work follows the routing.
 * dense (a soft gate, or a gate that needs grad): both branches for every
   token, mixed by :func:`aha.torch_ops.mix`, so dgate = sum_d dout * (All - Here).
 
-Here tokens gather their own window of keys, so keys outside it are never read.
+The Here branch runs over query blocks of ``c`` tokens, each against the slab of
+``c + window - 1`` keys that covers its windows, with a band mask. A masked key
+still enters p @ V as 0 * v, so when k or v holds a non-finite value the Here
+branch instead gathers each token's own window (exact, slower): a NaN outside a
+Here token's window never reaches it.
 """
 
 from __future__ import annotations
@@ -26,20 +30,41 @@ _CHUNK_ELEMENTS = 1 << 22
 def aha_sdpa(q, k, v, gate, *, window, scale=None):
     """q: [B, Hq, Nq, D], k, v: [B, Hkv, Nk, D], gate: [B, Hq, Nq] -> [B, Hq, Nq, D]."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out_here = _here(q, k, v, window, scale)
     if not gate.requires_grad and is_hard_gate(gate):
-        return _routed(q, k, v, gate.bool(), window, scale)
-    out_all = _all_dense(q, k, v, scale)
-    out_here = _here_tokens(q, k, v, tokens_where(torch.ones_like(gate, dtype=torch.bool)), window, scale)
-    return mix(gate, out_all, out_here.view_as(q))
+        all_idx, all_out = _all_tokens(q, k, v, gate.bool(), scale)
+        return out_here.index_put(all_idx, all_out)  # All tokens overwrite their Here rows
+    return mix(gate, _all_dense(q, k, v, scale), out_here)
 
 
-def _routed(q, k, v, is_all, window, scale):
-    """Each token computes only its selected branch."""
-    here_idx = tokens_where(~is_all)
-    all_idx, all_out = _all_tokens(q, k, v, is_all, scale)
-    out = q.new_zeros(q.shape)
-    out = out.index_put(here_idx, _here_tokens(q, k, v, here_idx, window, scale))
-    return out.index_put(all_idx, all_out)
+def _here(q, k, v, window, scale):
+    """Here branch for every query. -> [B, Hq, Nq, D]"""
+    if bool(torch.isfinite(k).all() and torch.isfinite(v).all()):
+        return _here_blocked(q, k, v, window, scale)
+    every = tokens_where(torch.ones(q.shape[:3], dtype=torch.bool, device=q.device))
+    return _here_tokens(q, k, v, every, window, scale).view_as(q)
+
+
+def _here_blocked(q, k, v, window, scale):
+    """Blocks of c queries against slabs of c + w - 1 keys, band-masked. -> [B, Hq, Nq, D]"""
+    bsz, hq, nq, d = q.shape
+    nk = k.shape[2]
+    w = min(window, nk)
+    c = max(16, min(w, 128))
+    nb, off = -(-nq // c), position_offset(nq, nk)
+    span = c + w - 1
+    qb = F.pad(q, (0, 0, 0, nb * c - nq)).view(bsz, hq, nb, c, d).transpose(1, 2)  # (B, nb, Hq, c, D)
+    pad = (0, 0, w - 1, nb * c - nq)  # w - 1 zero keys in front, the query padding behind
+
+    def slabs(x):  # (B, Hkv, Nk, D) -> (B, nb, Hkv, c + w - 1, D)
+        return F.pad(x, pad)[:, :, off:].unfold(2, span, c).permute(0, 2, 1, 4, 3)
+
+    r = torch.arange(c, device=q.device)[:, None]
+    s = torch.arange(span, device=q.device)
+    kpos = off - w + 1 + c * torch.arange(nb, device=q.device)[:, None, None] + s  # (nb, 1, span)
+    mask = (s >= r) & (s <= r + w - 1) & (kpos >= 0)  # (nb, c, span)
+    o = F.scaled_dot_product_attention(qb, slabs(k), slabs(v), attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=hq != k.shape[1])
+    return o.transpose(1, 2).reshape(bsz, hq, nb * c, d)[:, :, :nq]
 
 
 def _all_dense(q, k, v, scale):

@@ -49,7 +49,7 @@ def route(logits, threshold: float = 0.5):
     """
     if not 0.0 < float(threshold) < 1.0:
         raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold!r}")
-    if array_kind(logits) == "numpy":
+    if array_kind(logits, "logits") == "numpy":
         from aha import reference
 
         return reference.route(logits, threshold).astype(logits.dtype if logits.dtype.kind == "f" else "float64")
@@ -62,7 +62,7 @@ def route(logits, threshold: float = 0.5):
 
 def sparsity_loss(logits):
     """The paper's L1 regulariser mean(sigmoid(logits)); multiply by lambda (3e-4)."""
-    if array_kind(logits) == "numpy":
+    if array_kind(logits, "logits") == "numpy":
         from aha import reference
 
         return reference.sparsity_loss(logits)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Callable
 
 import pluggy
 
@@ -179,7 +179,10 @@ def _describe(backend: Backend, plugin: str, dist: str, version: str) -> Backend
 
 def _selected_entry_points():
     wanted = {w.strip() for w in os.environ.get("AHA_LOAD_PLUGINS", "").split(",") if w.strip()}
-    for ep in sorted(entry_points(group="aha"), key=lambda e: e.name):
+    def builtin_first(ep):  # a third-party plugin cannot take a built-in backend's name
+        return (ep.dist is None or ep.dist.name != "aha-attention", ep.name)
+
+    for ep in sorted(entry_points(group="aha"), key=builtin_first):
         dist = ep.dist.name if ep.dist else ""
         if not wanted or ep.name in wanted or dist in wanted:
             yield ep

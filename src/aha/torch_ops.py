@@ -61,14 +61,14 @@ class RouteSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, threshold):
-        s = torch.sigmoid(logits.float())
+        s = torch.sigmoid(logits.to(torch.promote_types(logits.dtype, torch.float32)))
         ctx.save_for_backward(s)
         return (s > threshold).to(logits.dtype)
 
     @staticmethod
     def backward(ctx, dgate):
         (s,) = ctx.saved_tensors
-        return (dgate.float() * s * (1 - s)).to(dgate.dtype), None
+        return (dgate.to(s.dtype) * s * (1 - s)).to(dgate.dtype), None
 
 
 def is_hard_gate(gate: torch.Tensor) -> bool:

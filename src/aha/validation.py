@@ -34,14 +34,14 @@ class Problem:
     gate_requires_grad: bool
 
 
-def array_kind(x) -> str:
-    """'numpy' or 'torch'; anything else is a TypeError."""
+def array_kind(x, name: str = "input") -> str:
+    """'numpy' or 'torch'; anything else is a TypeError naming the argument."""
     mod = type(x).__module__.split(".")[0]
     if mod == "numpy":
         return "numpy"
     if mod == "torch":
         return "torch"
-    raise TypeError(f"expected a numpy.ndarray or torch.Tensor, got {type(x).__name__}")
+    raise TypeError(f"{name} must be a numpy.ndarray or torch.Tensor, got {type(x).__name__}")
 
 
 def dtype_name(x) -> str:
@@ -71,7 +71,7 @@ def _validate_scale(scale) -> None:
 
 def _validate_arrays(q, k, v) -> tuple[str, str, str]:
     """Ranks, kinds, dtypes and devices of q, k, v; returns (array, dtype, device)."""
-    kinds = {name: array_kind(x) for name, x in (("q", q), ("k", k), ("v", v))}
+    kinds = {name: array_kind(x, name) for name, x in (("q", q), ("k", k), ("v", v))}
     if len(set(kinds.values())) != 1:
         raise TypeError(f"q, k, v must all be numpy arrays or all torch tensors, got {kinds}")
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -108,7 +108,7 @@ def _validate_shapes(q, k, v) -> tuple[int, ...]:
 
 
 def _validate_gate(gate, q, kind: str, dtype: str) -> None:
-    if array_kind(gate) != kind:
+    if array_kind(gate, "gate") != kind:
         raise TypeError(f"gate must be a {kind} array like q, got {type(gate).__name__}")
     want = tuple(q.shape[:3])
     if tuple(gate.shape) != want:

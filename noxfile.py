@@ -1,0 +1,55 @@
+"""Sessions: tests, conformance, lint, docs, bench, gpu. `nox -s tests` is what CI runs."""
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "docs"]
+nox.options.reuse_existing_virtualenvs = True
+
+# The CPU build of torch lies on these machines' disk; an unpinned torch pulls a CUDA build of several GB.
+TORCH = os.environ.get("AHA_TORCH_SPEC", "torch==2.13.0")
+PY = "3.11"
+
+
+def _install(session, extras="testing"):
+    session.install(TORCH)
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session(python=PY)
+def tests(session):
+    """The whole test suite, conformance for every backend included (CI)."""
+    _install(session, "testing,hf,triton")
+    session.env.setdefault("HYPOTHESIS_PROFILE", "ci")
+    session.env.setdefault("TRITON_INTERPRET", "1")
+    session.run("pytest", "-q", "-ra", *session.posargs)
+
+
+@nox.session(python=PY)
+def conformance(session):
+    """The conformance suite for every registered backend, or `-- --backend NAME` for one."""
+    _install(session, "testing,triton")
+    session.install("--no-deps", "./tests/example_plugin")
+    session.env.setdefault("HYPOTHESIS_PROFILE", "ci")
+    session.env.setdefault("TRITON_INTERPRET", "1")
+    session.run("python", "-m", "aha", "conformance", *session.posargs)
+
+
+@nox.session(python=PY)
+def lint(session):
+    session.install("ruff")
+    session.run("ruff", "check", "src", "backends", "tests", "noxfile.py")
+
+
+@nox.session(python=PY)
+def docs(session):
+    """Build the documentation site with --strict."""
+    _install(session, "docs")
+    session.run("mkdocs", "build", "--strict")
+
+
+@nox.session(python=PY)
+def demo(session):
+    _install(session, "testing")
+    session.run("python", "-m", "aha", "demo", *session.posargs)

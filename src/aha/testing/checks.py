@@ -1,0 +1,78 @@
+"""Comparisons against the float64 reference, with tolerances written down per dtype.
+
+float64 and float32 are compared with fixed tolerances, relative to the size of
+the reference (max(1, max|ref|)). float16 and bfloat16 follow flash-attention's
+rule: the backend's error against float64 may be at most twice the error of an
+eager computation of the same thing in that dtype, plus a rounding floor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from aha import reference
+from aha.testing.strategies import Inputs
+from aha.torch_ops import all_mask, here_mask, mix
+
+__all__ = ["TOLERANCE", "FLOOR", "assert_close", "reference_forward", "reference_grads", "eager_attention", "to_np"]
+
+# Relative tolerance per dtype for (forward, gradients).
+TOLERANCE = {"float64": (1e-10, 1e-9), "float32": (2e-5, 2e-4)}
+# Rounding floor for the low-precision rule: a few units in the last place.
+FLOOR = {"float16": 4e-3, "bfloat16": 3e-2}
+
+
+def to_np(x) -> np.ndarray:
+    """A tensor (any device, dtype) as a float64 NumPy array."""
+    return x.detach().to("cpu", torch.float64).numpy()
+
+
+def reference_forward(inp: Inputs, window: int, scale=None) -> np.ndarray:
+    return reference.attention(to_np(inp.q), to_np(inp.k), to_np(inp.v), to_np(inp.gate), window, scale)
+
+
+def reference_grads(inp: Inputs, window: int, scale=None) -> tuple[np.ndarray, ...]:
+    """(dq, dk, dv, dgate) of sum(dout * out), float64."""
+    args = (to_np(inp.q), to_np(inp.k), to_np(inp.v), to_np(inp.gate))
+    return reference.attention_vjp(*args, window, to_np(inp.dout), scale)
+
+
+def eager_attention(q, k, v, gate, window: int, scale=None):
+    """Dense masked AHA in the inputs' own dtype: the low-precision baseline."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # (B, Hq, Nk, D)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale  # (B, Hq, Nq, Nk)
+    nq, nk = q.shape[2], k.shape[2]
+    out_all = torch.softmax(s.masked_fill(~all_mask(nq, nk, q.device), float("-inf")), -1) @ v
+    out_here = torch.softmax(s.masked_fill(~here_mask(nq, nk, window, q.device), float("-inf")), -1) @ v
+    return mix(gate, out_all, out_here)
+
+
+def _rel_err(got: torch.Tensor, ref: np.ndarray) -> tuple[float, float]:
+    ref_t = torch.as_tensor(ref, dtype=torch.float64)
+    if ref_t.numel() == 0:
+        return 0.0, 1.0
+    scale = max(1.0, float(ref_t.abs().max()))
+    return float((got.detach().to("cpu", torch.float64) - ref_t).abs().max()) / scale, scale
+
+
+def assert_close(name: str, got, ref: np.ndarray, dtype: str, kind: str = "forward", baseline=None) -> None:
+    """Assert ``got`` (backend, any dtype) matches ``ref`` (float64) for ``dtype``.
+
+    ``baseline`` (same-dtype eager result) is required for float16/bfloat16.
+    """
+    assert tuple(got.shape) == tuple(ref.shape), f"{name}: shape {tuple(got.shape)} != reference {ref.shape}"
+    finite_ref = np.isfinite(ref)
+    finite_got = torch.isfinite(got.detach().cpu()).numpy()
+    assert np.array_equal(finite_got, finite_ref), f"{name}: {int((finite_got != finite_ref).sum())} entries differ in finiteness from the reference"
+    err, _ = _rel_err(got, ref)
+    if dtype in TOLERANCE:
+        tol = TOLERANCE[dtype][0 if kind == "forward" else 1]
+        assert err <= tol, f"{name} ({dtype}): relative error {err:.3g} > tolerance {tol:.3g}"
+        return
+    assert baseline is not None, f"{name}: a {dtype} comparison needs an eager baseline"
+    base_err, _ = _rel_err(baseline, ref)
+    allowed = 2 * base_err + FLOOR[dtype]
+    assert err <= allowed, f"{name} ({dtype}): error {err:.3g} > 2 x eager {base_err:.3g} + floor {FLOOR[dtype]:.1g}"

@@ -1,0 +1,91 @@
+"""The reference itself: golden vectors, finite differences, and the semantics' corner cases."""
+
+import numpy as np
+import pytest
+
+from aha import reference
+from aha.testing.golden import golden_cases, golden_router
+
+CASES = list(golden_cases())
+
+
+@pytest.mark.parametrize("name,g", CASES, ids=[n for n, _ in CASES])
+def test_reference_matches_golden_vectors(name, g):
+    args = (g["q"], g["k"], g["v"], g["gate"], int(g["window"]))
+    np.testing.assert_allclose(reference.attention(*args), g["out"], rtol=0, atol=1e-12)
+    for got, key in zip(reference.attention_vjp(*args, g["dout"]), ("dq", "dk", "dv", "dgate")):
+        np.testing.assert_allclose(got, g[key], rtol=0, atol=1e-12, err_msg=key)
+
+
+def test_router_matches_golden_vectors():
+    r = golden_router()
+    np.testing.assert_array_equal(reference.route(r["logits"]), r["gate"])
+    np.testing.assert_allclose(reference.route_vjp(r["logits"], r["upstream"]), r["dlogits"], atol=1e-14)
+    assert reference.sparsity_loss(r["logits"]) == pytest.approx(float(r["sparsity_loss"]), abs=1e-14)
+
+
+def _problem(seed, b=1, hq=2, hkv=1, nq=6, nk=9, d=3, soft=True):
+    rng = np.random.default_rng(seed)
+    q, k, v = rng.normal(size=(b, hq, nq, d)), rng.normal(size=(b, hkv, nk, d)), rng.normal(size=(b, hkv, nk, d))
+    gate = rng.uniform(size=(b, hq, nq)) if soft else (rng.uniform(size=(b, hq, nq)) < 0.5).astype(float)
+    return q, k, v, gate, rng.normal(size=(b, hq, nq, d))
+
+
+@pytest.mark.parametrize("seed,window", [(0, 1), (1, 3), (2, 20)])
+def test_vjp_matches_finite_differences(seed, window):
+    q, k, v, gate, dout = _problem(seed)
+    grads = reference.attention_vjp(q, k, v, gate, window, dout)
+    eps = 1e-6
+    for x, g in zip((q, k, v, gate), grads):
+        for idx in np.ndindex(x.shape):
+            old = x[idx]
+            x[idx] = old + eps
+            up = np.sum(dout * reference.attention(q, k, v, gate, window))
+            x[idx] = old - eps
+            down = np.sum(dout * reference.attention(q, k, v, gate, window))
+            x[idx] = old
+            assert g[idx] == pytest.approx((up - down) / (2 * eps), abs=1e-7)
+
+
+def test_route_vjp_and_sparsity_loss_match_finite_differences():
+    logits = np.random.default_rng(3).normal(size=(2, 3, 5))
+    eps = 1e-6
+    grad = reference.sparsity_loss_vjp(logits)
+    for idx in np.ndindex(logits.shape):
+        x = logits.copy()
+        x[idx] += eps
+        up = reference.sparsity_loss(x)
+        x[idx] -= 2 * eps
+        assert grad[idx] == pytest.approx((up - reference.sparsity_loss(x)) / (2 * eps), abs=1e-9)
+    s = 1 / (1 + np.exp(-logits))
+    np.testing.assert_allclose(reference.route_vjp(logits, np.ones_like(logits)), s * (1 - s))
+
+
+def test_here_token_ignores_nan_outside_its_window_and_all_token_sees_it():
+    q, k, v, _, _ = _problem(4, nq=9, nk=9, soft=False)
+    gate = np.zeros((1, 2, 9))
+    gate[:, 1] = 1.0  # head 1 is All, head 0 Here
+    k[:, :, 2] = np.nan
+    out = reference.attention(q, k, v, gate, 3)
+    assert np.isnan(out[:, 0, 2:5]).all()  # tokens 2..4 of the Here head read key 2
+    assert np.isfinite(out[:, 0, 5:]).all() and np.isfinite(out[:, 0, :2]).all()
+    assert not np.isfinite(out[:, 1, 2:]).any() and np.isfinite(out[:, 1, :2]).all()
+
+
+def test_window_at_least_n_makes_here_equal_all():
+    q, k, v, _, _ = _problem(5)
+    ones, zeros = np.ones((1, 2, 6)), np.zeros((1, 2, 6))
+    np.testing.assert_allclose(reference.attention(q, k, v, zeros, 9), reference.attention(q, k, v, ones, 1), atol=1e-15)
+
+
+def test_window_one_returns_own_value_for_here_tokens():
+    q, k, v, _, _ = _problem(6, hq=1, nq=9)
+    out = reference.attention(q, k, v, np.zeros((1, 1, 9)), 1)
+    np.testing.assert_allclose(out[0, 0], v[0, 0], atol=1e-15)
+
+
+def test_soft_gate_blends_linearly():
+    q, k, v, _, _ = _problem(7)
+    g = np.full((1, 2, 6), 0.25)
+    a, h = reference.attention(q, k, v, np.ones_like(g), 2), reference.attention(q, k, v, np.zeros_like(g), 2)
+    np.testing.assert_allclose(reference.attention(q, k, v, g, 2), 0.25 * a + 0.75 * h, atol=1e-15)
