@@ -10,12 +10,17 @@ dO_b = w_b * dout, the flash backward is
 
 Routed calls have one branch per token with weight 1. Terms are selected with
 ``where`` (never multiplied by a zero weight) so that a NaN of an unread key or
-of an unselected branch stays out, as in the reference.
+of an unselected branch stays out, as in the reference; masked blocks also zero
+the NaN/inf entries of k and v before the products.
 
 dk/dv: one program per key block of one kv group, summing over the group's
 query heads in a fixed order, so dk and dv are deterministic. dq: either its own
 pass per query block (deterministic) or float32 atomics from the dk/dv pass
-(FUSE_DQ, faster, order-dependent rounding).
+(FUSE_DQ: no second pass, but the summation order varies from run to run).
+
+Bundles: ``src = (Q, DOUT, LSE, DELTA, GATE, q_base, stride_qh, stride_qn)``,
+``dims = (bh, kvh, NQ, NK, WINDOW, TOKENS)``, and the constexpr
+``TILE = (HEAD_DIM, BLOCK_M|BLOCK_N, BLOCK_D, PRECISION)``.
 """
 
 from __future__ import annotations
@@ -28,19 +33,8 @@ from aha_triton._fwd import _load_kv
 
 
 @triton.jit
-def _aha_bwd_preprocess(
-    DOUT,
-    OUT,
-    BRANCHES,
-    GATE,
-    DELTA,
-    DGATE,
-    TOKENS,
-    HEAD_DIM: tl.constexpr,
-    BOTH: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+def _aha_bwd_preprocess(DOUT, OUT, BRANCHES, GATE, DELTA, DGATE, TOKENS,
+                        HEAD_DIM: tl.constexpr, BOTH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """DELTA [S, B, Hq, Nq] = delta_b per branch; DGATE [B, Hq, Nq] (BOTH only)."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_D)
@@ -61,23 +55,10 @@ def _aha_bwd_preprocess(
 
 
 @triton.jit
-def _load_rows(
-    Q,
-    DOUT,
-    q_base,
-    row,
-    valid,
-    bh,
-    kvh,
-    NQ,
-    NK,
-    stride_qh,
-    stride_qn,
-    G: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+def _load_rows(src, dims, row, valid, G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """q and dout of a block's rows ([M, D], zero on padding slots), their positions and token indices."""
+    Q, DOUT, LSE, DELTA, GATE, q_base, stride_qh, stride_qn = src
+    bh, kvh, NQ, NK, WINDOW, TOKENS = dims
     i, hl, pos, token = _row_coords(row, bh, NQ, NK, G)
     d = tl.arange(0, BLOCK_D)
     mask = valid[:, None] & (d[None, :] < HEAD_DIM)
@@ -94,349 +75,112 @@ def _branch_p(s, lse, seen):
 
 
 @triton.jit
-def _dkdv_finish(
-    dk,
-    dv,
-    dsT,
-    wpT,
-    q,
-    do,
-    k,
-    token,
-    valid,
-    DQ,
-    scale,
-    FUSE_DQ: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+def _dkdv_finish(dk, dv, dsT, wpT, q, do, k, token, valid, DQ, scale, FUSE_DQ: tl.constexpr, TILE: tl.constexpr):
     """dk += ds^T q, dv += (w p)^T dout, and with FUSE_DQ dq += scale * ds k by atomics."""
-    dv = tl.dot(wpT.to(do.dtype), do, dv, input_precision=PRECISION)
-    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+    dv = tl.dot(wpT.to(do.dtype), do, dv, input_precision=TILE[3])
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=TILE[3])
     if FUSE_DQ:
-        d = tl.arange(0, BLOCK_D)
-        dq = tl.dot(tl.trans(dsT).to(k.dtype), k, input_precision=PRECISION) * scale  # (M, D)
-        tl.atomic_add(DQ + token[:, None] * HEAD_DIM + d[None, :], dq, mask=valid[:, None] & (d[None, :] < HEAD_DIM))
+        d = tl.arange(0, TILE[2])
+        dq = tl.dot(tl.trans(dsT).to(k.dtype), k, input_precision=TILE[3]) * scale  # (M, D)
+        tl.atomic_add(DQ + token[:, None] * TILE[0] + d[None, :], dq, mask=valid[:, None] & (d[None, :] < TILE[0]))
     return dk, dv
 
 
 @triton.jit
-def _dkdv_routed(
-    dk,
-    dv,
-    k,
-    v,
-    j,
-    Q,
-    DOUT,
-    LSE,
-    DELTA,
-    DQ,
-    q_base,
-    ORDER_ROW,
-    bh,
-    kvh,
-    start,
-    end,
-    is_all,
-    NQ,
-    NK,
-    WINDOW,
-    stride_qh,
-    stride_qn,
-    scale,
-    scale_log2,
-    G: tl.constexpr,
-    MASKED: tl.constexpr,
-    FUSE_DQ: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+def _dkdv_routed(dk, dv, k, v, j, src, dims, ORDER_ROW, DQ, start, end, is_all, scale, scale_log2,
+                 G: tl.constexpr, MASKED: tl.constexpr, FUSE_DQ: tl.constexpr, TILE: tl.constexpr):
     """One query block of one branch against the program's key block."""
-    row, valid = _block_rows(ORDER_ROW, start, end, False, BLOCK_M)
-    q, do, pos, token = _load_rows(
-        Q, DOUT, q_base, row, valid, bh, kvh, NQ, NK, stride_qh, stride_qn, G, HEAD_DIM, BLOCK_D
-    )
-    lse = tl.load(LSE + token)
-    delta = tl.load(DELTA + token)
+    row, valid = _block_rows(ORDER_ROW, start, end, False, TILE[1])
+    q, do, pos, token = _load_rows(src, dims, row, valid, G, TILE[0], TILE[2])
+    lse = tl.load(src[2] + token)
+    delta = tl.load(src[3] + token)
     seen = valid[None, :]
     if MASKED:
-        lo = tl.where(is_all == 1, 0, pos - WINDOW + 1)
+        lo = tl.where(is_all == 1, 0, pos - dims[4] + 1)
         seen = seen & (j[:, None] >= lo[None, :]) & (j[:, None] <= pos[None, :])
-    sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2  # (N, M)
+    sT = tl.dot(k, tl.trans(q), input_precision=TILE[3]) * scale_log2  # (N, M)
     pT = _branch_p(sT, lse[None, :], seen)
-    dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (N, M)
+    dpT = tl.dot(v, tl.trans(do), input_precision=TILE[3])  # (N, M)
     dsT = tl.where(seen, pT * (dpT - delta[None, :]), 0.0)
-    return _dkdv_finish(dk, dv, dsT, pT, q, do, k, token, valid, DQ, scale, FUSE_DQ, HEAD_DIM, BLOCK_D, PRECISION)
+    return _dkdv_finish(dk, dv, dsT, pT, q, do, k, token, valid, DQ, scale, FUSE_DQ, TILE)
 
 
 @triton.jit
-def _dkdv_both(
-    dk,
-    dv,
-    k,
-    v,
-    j,
-    Q,
-    DOUT,
-    GATE,
-    LSE,
-    DELTA,
-    DQ,
-    q_base,
-    bh,
-    kvh,
-    start,
-    end,
-    NQ,
-    NK,
-    WINDOW,
-    TOKENS,
-    stride_qh,
-    stride_qn,
-    scale,
-    scale_log2,
-    G: tl.constexpr,
-    HERE: tl.constexpr,
-    FUSE_DQ: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """One query block, both branches mixed by the gate. HERE=False: the key block lies
-    wholly inside every row's causal range and outside every window (All only, no mask)."""
-    row, valid = _block_rows(Q, start, end, True, BLOCK_M)  # natural order: no ORDER read
-    q, do, pos, token = _load_rows(
-        Q, DOUT, q_base, row, valid, bh, kvh, NQ, NK, stride_qh, stride_qn, G, HEAD_DIM, BLOCK_D
-    )
-    g = tl.load(GATE + token)[None, :]
-    sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2  # (N, M)
-    dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (N, M)
-    seen_a = valid[None, :] & (g > 0)
-    if HERE:
-        causal = j[:, None] <= pos[None, :]
-        seen_a = seen_a & causal
-    p_a = _branch_p(sT, tl.load(LSE + token)[None, :], seen_a)
-    dsT = tl.where(seen_a, p_a * (g * dpT - tl.load(DELTA + token)[None, :]), 0.0)
-    wpT = g * p_a
-    if HERE:
-        seen_h = valid[None, :] & (g < 1) & causal & (j[:, None] > pos[None, :] - WINDOW)
-        p_h = _branch_p(sT, tl.load(LSE + TOKENS + token)[None, :], seen_h)
-        dsT += tl.where(seen_h, p_h * ((1.0 - g) * dpT - tl.load(DELTA + TOKENS + token)[None, :]), 0.0)
-        wpT += (1.0 - g) * p_h
-    return _dkdv_finish(dk, dv, dsT, wpT, q, do, k, token, valid, DQ, scale, FUSE_DQ, HEAD_DIM, BLOCK_D, PRECISION)
-
-
-@triton.jit
-def _dkdv_stage(
-    dk,
-    dv,
-    k,
-    v,
-    j,
-    Q,
-    DOUT,
-    LSE,
-    DELTA,
-    DQ,
-    q_base,
-    ORDER_ROW,
-    bh,
-    kvh,
-    t_lo,
-    t_hi,
-    seg_lo,
-    seg_hi,
-    is_all,
-    NQ,
-    NK,
-    WINDOW,
-    stride_qh,
-    stride_qn,
-    scale,
-    scale_log2,
-    G: tl.constexpr,
-    MASKED: tl.constexpr,
-    FUSE_DQ: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+def _dkdv_stage(dk, dv, k, v, j, src, dims, ORDER_ROW, DQ, t_lo, t_hi, seg_lo, seg_hi, is_all, scale, scale_log2,
+                G: tl.constexpr, MASKED: tl.constexpr, FUSE_DQ: tl.constexpr, TILE: tl.constexpr):
     """Query blocks [t_lo, t_hi) of the routed segment holding row slots [seg_lo, seg_hi)."""
     for t in range(t_lo, t_hi):
-        start = seg_lo + t * BLOCK_M
-        dk, dv = _dkdv_routed(
-            dk,
-            dv,
-            k,
-            v,
-            j,
-            Q,
-            DOUT,
-            LSE,
-            DELTA,
-            DQ,
-            q_base,
-            ORDER_ROW,
-            bh,
-            kvh,
-            start,
-            tl.minimum(start + BLOCK_M, seg_hi),
-            is_all,
-            NQ,
-            NK,
-            WINDOW,
-            stride_qh,
-            stride_qn,
-            scale,
-            scale_log2,
-            G,
-            MASKED,
-            FUSE_DQ,
-            HEAD_DIM,
-            BLOCK_M,
-            BLOCK_D,
-            PRECISION,
-        )
+        start = seg_lo + t * TILE[1]
+        end = tl.minimum(start + TILE[1], seg_hi)
+        dk, dv = _dkdv_routed(dk, dv, k, v, j, src, dims, ORDER_ROW, DQ, start, end, is_all, scale, scale_log2,
+                              G, MASKED, FUSE_DQ, TILE)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_both(dk, dv, k, v, j, src, dims, DQ, t_lo, t_hi, scale, scale_log2,
+               G: tl.constexpr, HERE: tl.constexpr, FUSE_DQ: tl.constexpr, TILE: tl.constexpr):
+    """Query blocks [t_lo, t_hi), both branches mixed by the gate. HERE=False: the key block lies
+    wholly inside every row's causal range and outside every window (All only, no mask)."""
+    Q, DOUT, LSE, DELTA, GATE, q_base, stride_qh, stride_qn = src
+    WINDOW, TOKENS = dims[4], dims[5]
+    rows = G * dims[2]
+    for t in range(t_lo, t_hi):
+        start = t * TILE[1]
+        row, valid = _block_rows(Q, start, tl.minimum(start + TILE[1], rows), True, TILE[1])  # ORDER unused
+        q, do, pos, token = _load_rows(src, dims, row, valid, G, TILE[0], TILE[2])
+        g = tl.load(GATE + token)[None, :]
+        sT = tl.dot(k, tl.trans(q), input_precision=TILE[3]) * scale_log2  # (N, M)
+        dpT = tl.dot(v, tl.trans(do), input_precision=TILE[3])  # (N, M)
+        seen_a = valid[None, :] & (g > 0)
+        if HERE:
+            causal = j[:, None] <= pos[None, :]
+            seen_a = seen_a & causal
+        p_a = _branch_p(sT, tl.load(LSE + token)[None, :], seen_a)
+        dsT = tl.where(seen_a, p_a * (g * dpT - tl.load(DELTA + token)[None, :]), 0.0)
+        wpT = g * p_a
+        if HERE:
+            seen_h = valid[None, :] & (g < 1) & causal & (j[:, None] > pos[None, :] - WINDOW)
+            p_h = _branch_p(sT, tl.load(LSE + TOKENS + token)[None, :], seen_h)
+            dsT += tl.where(seen_h, p_h * ((1.0 - g) * dpT - tl.load(DELTA + TOKENS + token)[None, :]), 0.0)
+            wpT += (1.0 - g) * p_h
+        dk, dv = _dkdv_finish(dk, dv, dsT, wpT, q, do, k, token, valid, DQ, scale, FUSE_DQ, TILE)
     return dk, dv
 
 
 @triton.jit
 def _aha_bwd_dkdv(
-    Q,
-    K,
-    V,
-    DOUT,
-    GATE,
-    LSE,
-    DELTA,
-    ORDER,
-    NALL,
-    RANGES,
-    DK,
-    DV,
-    DQ,
-    stride_qb,
-    stride_qh,
-    stride_qn,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    HKV,
-    NQ,
-    NK,
-    WINDOW,
-    TOKENS,
-    scale,
-    scale_log2,
-    G: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BOTH: tl.constexpr,
-    FUSE_DQ: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    Q, K, V, DOUT, GATE, LSE, DELTA, ORDER, NALL, RANGES, DK, DV, DQ,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    HKV, NQ, NK, WINDOW, TOKENS, scale, scale_log2,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BOTH: tl.constexpr, FUSE_DQ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """DK, DV [B, Hkv, Nk, D]: one program per (key block, batch * kv head)."""
+    """DK, DV [B, Hkv, Nk, D]. Grid: (key blocks, B * Hkv). RANGES [B * Hkv, key blocks, 8] (routed)."""
     kb = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HKV
-    kvh = bh % HKV
+    b = (bh // HKV).to(tl.int64)
+    kvh = (bh % HKV).to(tl.int64)
     rows = G * NQ
-    k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
-    q_base = Q + b.to(tl.int64) * stride_qb
-    k, v, j = _load_kv(k_base, v_base, stride_kn, stride_vn, kb, NK, True, HEAD_DIM, BLOCK_N, BLOCK_D)
+    kv = (K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh, stride_kn, stride_vn, NK)
+    k, v, j = _load_kv(kv, kb, True, (HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION))
     k_safe = tl.where(_finite(k), k, 0.0)  # for masked blocks: 0 * NaN must not reach unread rows
     v_safe = tl.where(_finite(v), v, 0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    src = (Q, DOUT, LSE, DELTA, GATE, Q + b * stride_qb, stride_qh, stride_qn)
+    dims = (bh, kvh, NQ, NK, WINDOW, TOKENS)
+    TILE: tl.constexpr = (HEAD_DIM, BLOCK_M, BLOCK_D, PRECISION)
     if BOTH:
         off = NK - NQ
         kb_last = tl.minimum(kb * BLOCK_N + BLOCK_N, NK) - 1
         nblk = tl.cdiv(rows, BLOCK_M)
         t0 = tl.minimum((tl.maximum(kb * BLOCK_N - off, 0) * G) // BLOCK_M, nblk)  # first block reaching kb
-        t_h = tl.cdiv(
-            tl.maximum(kb_last + WINDOW - off, 0) * G, BLOCK_M
-        )  # first block all of whose windows start later
+        t_h = tl.cdiv(tl.maximum(kb_last + WINDOW - off, 0) * G, BLOCK_M)  # first block all of whose windows start later
         t_h = tl.minimum(tl.maximum(t_h, t0), nblk)
-        for t in range(t0, t_h):
-            dk, dv = _dkdv_both(
-                dk,
-                dv,
-                k_safe,
-                v_safe,
-                j,
-                Q,
-                DOUT,
-                GATE,
-                LSE,
-                DELTA,
-                DQ,
-                q_base,
-                bh,
-                kvh,
-                t * BLOCK_M,
-                tl.minimum(t * BLOCK_M + BLOCK_M, rows),
-                NQ,
-                NK,
-                WINDOW,
-                TOKENS,
-                stride_qh,
-                stride_qn,
-                scale,
-                scale_log2,
-                G,
-                True,
-                FUSE_DQ,
-                HEAD_DIM,
-                BLOCK_M,
-                BLOCK_D,
-                PRECISION,
-            )
-        for t in range(t_h, nblk):
-            dk, dv = _dkdv_both(
-                dk,
-                dv,
-                k,
-                v,
-                j,
-                Q,
-                DOUT,
-                GATE,
-                LSE,
-                DELTA,
-                DQ,
-                q_base,
-                bh,
-                kvh,
-                t * BLOCK_M,
-                tl.minimum(t * BLOCK_M + BLOCK_M, rows),
-                NQ,
-                NK,
-                WINDOW,
-                TOKENS,
-                stride_qh,
-                stride_qn,
-                scale,
-                scale_log2,
-                G,
-                False,
-                FUSE_DQ,
-                HEAD_DIM,
-                BLOCK_M,
-                BLOCK_D,
-                PRECISION,
-            )
+        dk, dv = _dkdv_both(dk, dv, k_safe, v_safe, j, src, dims, DQ, t0, t_h, scale, scale_log2, G, True, FUSE_DQ,
+                            TILE)
+        dk, dv = _dkdv_both(dk, dv, k, v, j, src, dims, DQ, t_h, nblk, scale, scale_log2, G, False, FUSE_DQ, TILE)
     else:
         order_row = ORDER + bh.to(tl.int64) * rows
         n_all = tl.load(NALL + bh)
@@ -444,227 +188,37 @@ def _aha_bwd_dkdv(
         a0, a1 = tl.load(rng), tl.load(rng + 1)
         h0, h1, h2, h3 = tl.load(rng + 2), tl.load(rng + 3), tl.load(rng + 4), tl.load(rng + 5)
         # All blocks: [a0, a1) straddle the causal edge, [a1, end) see the whole key block
-        dk, dv = _dkdv_stage(
-            dk,
-            dv,
-            k_safe,
-            v_safe,
-            j,
-            Q,
-            DOUT,
-            LSE,
-            DELTA,
-            DQ,
-            q_base,
-            order_row,
-            bh,
-            kvh,
-            a0,
-            a1,
-            0,
-            n_all,
-            1,
-            NQ,
-            NK,
-            WINDOW,
-            stride_qh,
-            stride_qn,
-            scale,
-            scale_log2,
-            G,
-            True,
-            FUSE_DQ,
-            HEAD_DIM,
-            BLOCK_M,
-            BLOCK_D,
-            PRECISION,
-        )
-        dk, dv = _dkdv_stage(
-            dk,
-            dv,
-            k,
-            v,
-            j,
-            Q,
-            DOUT,
-            LSE,
-            DELTA,
-            DQ,
-            q_base,
-            order_row,
-            bh,
-            kvh,
-            a1,
-            tl.cdiv(n_all, BLOCK_M),
-            0,
-            n_all,
-            1,
-            NQ,
-            NK,
-            WINDOW,
-            stride_qh,
-            stride_qn,
-            scale,
-            scale_log2,
-            G,
-            False,
-            FUSE_DQ,
-            HEAD_DIM,
-            BLOCK_M,
-            BLOCK_D,
-            PRECISION,
-        )
+        dk, dv = _dkdv_stage(dk, dv, k_safe, v_safe, j, src, dims, order_row, DQ, a0, a1, 0, n_all, 1,
+                             scale, scale_log2, G, True, FUSE_DQ, TILE)
+        dk, dv = _dkdv_stage(dk, dv, k, v, j, src, dims, order_row, DQ, a1, tl.cdiv(n_all, BLOCK_M), 0, n_all, 1,
+                             scale, scale_log2, G, False, FUSE_DQ, TILE)
         # Here blocks: [h1, h2) see the whole key block, the others straddle a window edge
-        dk, dv = _dkdv_stage(
-            dk,
-            dv,
-            k_safe,
-            v_safe,
-            j,
-            Q,
-            DOUT,
-            LSE,
-            DELTA,
-            DQ,
-            q_base,
-            order_row,
-            bh,
-            kvh,
-            h0,
-            h1,
-            n_all,
-            rows,
-            0,
-            NQ,
-            NK,
-            WINDOW,
-            stride_qh,
-            stride_qn,
-            scale,
-            scale_log2,
-            G,
-            True,
-            FUSE_DQ,
-            HEAD_DIM,
-            BLOCK_M,
-            BLOCK_D,
-            PRECISION,
-        )
-        dk, dv = _dkdv_stage(
-            dk,
-            dv,
-            k,
-            v,
-            j,
-            Q,
-            DOUT,
-            LSE,
-            DELTA,
-            DQ,
-            q_base,
-            order_row,
-            bh,
-            kvh,
-            h1,
-            h2,
-            n_all,
-            rows,
-            0,
-            NQ,
-            NK,
-            WINDOW,
-            stride_qh,
-            stride_qn,
-            scale,
-            scale_log2,
-            G,
-            False,
-            FUSE_DQ,
-            HEAD_DIM,
-            BLOCK_M,
-            BLOCK_D,
-            PRECISION,
-        )
-        dk, dv = _dkdv_stage(
-            dk,
-            dv,
-            k_safe,
-            v_safe,
-            j,
-            Q,
-            DOUT,
-            LSE,
-            DELTA,
-            DQ,
-            q_base,
-            order_row,
-            bh,
-            kvh,
-            h2,
-            h3,
-            n_all,
-            rows,
-            0,
-            NQ,
-            NK,
-            WINDOW,
-            stride_qh,
-            stride_qn,
-            scale,
-            scale_log2,
-            G,
-            True,
-            FUSE_DQ,
-            HEAD_DIM,
-            BLOCK_M,
-            BLOCK_D,
-            PRECISION,
-        )
+        dk, dv = _dkdv_stage(dk, dv, k_safe, v_safe, j, src, dims, order_row, DQ, h0, h1, n_all, rows, 0,
+                             scale, scale_log2, G, True, FUSE_DQ, TILE)
+        dk, dv = _dkdv_stage(dk, dv, k, v, j, src, dims, order_row, DQ, h1, h2, n_all, rows, 0,
+                             scale, scale_log2, G, False, FUSE_DQ, TILE)
+        dk, dv = _dkdv_stage(dk, dv, k_safe, v_safe, j, src, dims, order_row, DQ, h2, h3, n_all, rows, 0,
+                             scale, scale_log2, G, True, FUSE_DQ, TILE)
     d = tl.arange(0, BLOCK_D)
     mask = (j[:, None] < NK) & (d[None, :] < HEAD_DIM)
-    out = (b.to(tl.int64) * HKV + kvh) * NK * HEAD_DIM + j[:, None].to(tl.int64) * HEAD_DIM + d[None, :]
+    out = (b * HKV + kvh) * NK * HEAD_DIM + j[:, None].to(tl.int64) * HEAD_DIM + d[None, :]
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _dq_stage(
-    dq,
-    q,
-    do,
-    lse,
-    delta,
-    g,
-    lse_h,
-    delta_h,
-    k_base,
-    v_base,
-    stride_kn,
-    stride_vn,
-    kb_lo,
-    kb_hi,
-    lo,
-    pos,
-    NK,
-    WINDOW,
-    scale_log2,
-    MASKED: tl.constexpr,
-    BOTH: tl.constexpr,
-    HERE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """dq over key blocks [kb_lo, kb_hi). Routed: one branch, rows read lo <= j <= pos.
-    BOTH: All weighted by g (lse, delta), plus Here (lse_h, delta_h) when HERE."""
+def _dq_stage(dq, q, do, stats, kv, kb_lo, kb_hi, lo, pos, WINDOW, scale_log2,
+              MASKED: tl.constexpr, BOTH: tl.constexpr, HERE: tl.constexpr, TILE: tl.constexpr):
+    """dq over key blocks [kb_lo, kb_hi). stats = (lse, delta, g, lse_h, delta_h).
+    Routed: one branch, rows read lo <= j <= pos. BOTH: All weighted by g, plus Here when HERE."""
+    lse, delta, g, lse_h, delta_h = stats
     for kb in range(kb_lo, kb_hi):
-        k, v, j = _load_kv(k_base, v_base, stride_kn, stride_vn, kb, NK, MASKED, HEAD_DIM, BLOCK_N, BLOCK_D)
+        k, v, j = _load_kv(kv, kb, MASKED, TILE)
         if MASKED:
             k = tl.where(_finite(k), k, 0.0)
             v = tl.where(_finite(v), v, 0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (M, N)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (M, N)
+        s = tl.dot(q, tl.trans(k), input_precision=TILE[3]) * scale_log2  # (M, N)
+        dp = tl.dot(do, tl.trans(v), input_precision=TILE[3])  # (M, N)
         causal = j[None, :] <= pos[:, None]
         if BOTH:
             seen = g > 0
@@ -679,51 +233,23 @@ def _dq_stage(
             ds = tl.where(seen, _branch_p(s, lse[:, None], seen) * (dp - delta[:, None]), 0.0)
         else:
             ds = tl.exp2(s - lse[:, None]) * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=TILE[3])
     return dq
 
 
 @triton.jit
 def _aha_bwd_dq(
-    Q,
-    K,
-    V,
-    DOUT,
-    GATE,
-    LSE,
-    DELTA,
-    ORDER,
-    NALL,
-    DQ,
-    stride_qb,
-    stride_qh,
-    stride_qn,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    HKV,
-    NQ,
-    NK,
-    WINDOW,
-    TOKENS,
-    scale,
-    scale_log2,
-    G: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BOTH: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    Q, K, V, DOUT, GATE, LSE, DELTA, ORDER, NALL, DQ,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    HKV, NQ, NK, WINDOW, TOKENS, scale, scale_log2,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BOTH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """DQ [B, Hq, Nq, D]: one program per query block, visiting the key blocks as the forward does."""
     t = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HKV
-    kvh = bh % HKV
+    b = (bh // HKV).to(tl.int64)
+    kvh = (bh % HKV).to(tl.int64)
     rows = G * NQ
     if BOTH:
         start = t * BLOCK_M
@@ -734,170 +260,30 @@ def _aha_bwd_dq(
     if start >= end:
         return
     row, valid = _block_rows(ORDER + bh.to(tl.int64) * rows, start, end, BOTH, BLOCK_M)
-    q, do, pos, token = _load_rows(
-        Q, DOUT, Q + b.to(tl.int64) * stride_qb, row, valid, bh, kvh, NQ, NK, stride_qh, stride_qn, G, HEAD_DIM, BLOCK_D
-    )
-    k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+    src = (Q, DOUT, LSE, DELTA, GATE, Q + b * stride_qb, stride_qh, stride_qn)
+    q, do, pos, token = _load_rows(src, (bh, kvh, NQ, NK, WINDOW, TOKENS), row, valid, G, HEAD_DIM, BLOCK_D)
+    kv = (K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh, stride_kn, stride_vn, NK)
+    TILE: tl.constexpr = (HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
     lse = tl.load(LSE + token)
     delta = tl.load(DELTA + token)
     pos_first = tl.min(pos, 0)
-    pos_last = tl.max(pos, 0)
-    kb_hi = tl.cdiv(pos_last + 1, BLOCK_N)
+    kb_hi = tl.cdiv(tl.max(pos, 0) + 1, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if BOTH:
-        g = tl.load(GATE + token)[:, None]
-        lse_h = tl.load(LSE + TOKENS + token)
-        delta_h = tl.load(DELTA + TOKENS + token)
+        stats = (lse, delta, tl.load(GATE + token)[:, None], tl.load(LSE + TOKENS + token),
+                 tl.load(DELTA + TOKENS + token))
         kb_h = tl.maximum(pos_first - WINDOW + 1, 0) // BLOCK_N
-        dq = _dq_stage(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            g,
-            lse_h,
-            delta_h,
-            k_base,
-            v_base,
-            stride_kn,
-            stride_vn,
-            0,
-            kb_h,
-            pos,
-            pos,
-            NK,
-            WINDOW,
-            scale_log2,
-            False,
-            True,
-            False,
-            HEAD_DIM,
-            BLOCK_N,
-            BLOCK_D,
-            PRECISION,
-        )
-        dq = _dq_stage(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            g,
-            lse_h,
-            delta_h,
-            k_base,
-            v_base,
-            stride_kn,
-            stride_vn,
-            kb_h,
-            kb_hi,
-            pos,
-            pos,
-            NK,
-            WINDOW,
-            scale_log2,
-            True,
-            True,
-            True,
-            HEAD_DIM,
-            BLOCK_N,
-            BLOCK_D,
-            PRECISION,
-        )
+        dq = _dq_stage(dq, q, do, stats, kv, 0, kb_h, pos, pos, WINDOW, scale_log2, False, True, False, TILE)
+        dq = _dq_stage(dq, q, do, stats, kv, kb_h, kb_hi, pos, pos, WINDOW, scale_log2, True, True, True, TILE)
     else:
+        stats = (lse, delta, lse, lse, delta)  # the last three are unused
         lo = tl.where(is_all == 1, 0, pos - WINDOW + 1)
         kb_lo = tl.maximum(tl.min(lo, 0), 0) // BLOCK_N
         b1 = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(tl.max(lo, 0), 0), BLOCK_N), kb_lo), kb_hi)
         b2 = tl.minimum(tl.maximum((pos_first + 1) // BLOCK_N, b1), kb_hi)
-        dq = _dq_stage(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            lse,
-            lse,
-            delta,
-            k_base,
-            v_base,
-            stride_kn,
-            stride_vn,
-            kb_lo,
-            b1,
-            lo,
-            pos,
-            NK,
-            WINDOW,
-            scale_log2,
-            True,
-            False,
-            False,
-            HEAD_DIM,
-            BLOCK_N,
-            BLOCK_D,
-            PRECISION,
-        )
-        dq = _dq_stage(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            lse,
-            lse,
-            delta,
-            k_base,
-            v_base,
-            stride_kn,
-            stride_vn,
-            b1,
-            b2,
-            lo,
-            pos,
-            NK,
-            WINDOW,
-            scale_log2,
-            False,
-            False,
-            False,
-            HEAD_DIM,
-            BLOCK_N,
-            BLOCK_D,
-            PRECISION,
-        )
-        dq = _dq_stage(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            lse,
-            lse,
-            delta,
-            k_base,
-            v_base,
-            stride_kn,
-            stride_vn,
-            b2,
-            kb_hi,
-            lo,
-            pos,
-            NK,
-            WINDOW,
-            scale_log2,
-            True,
-            False,
-            False,
-            HEAD_DIM,
-            BLOCK_N,
-            BLOCK_D,
-            PRECISION,
-        )
+        dq = _dq_stage(dq, q, do, stats, kv, kb_lo, b1, lo, pos, WINDOW, scale_log2, True, False, False, TILE)
+        dq = _dq_stage(dq, q, do, stats, kv, b1, b2, lo, pos, WINDOW, scale_log2, False, False, False, TILE)
+        dq = _dq_stage(dq, q, do, stats, kv, b2, kb_hi, lo, pos, WINDOW, scale_log2, True, False, False, TILE)
     d = tl.arange(0, BLOCK_D)
-    tl.store(
-        DQ + token[:, None] * HEAD_DIM + d[None, :],
-        (dq * scale).to(DQ.dtype.element_ty),
-        mask=valid[:, None] & (d[None, :] < HEAD_DIM),
-    )
+    tl.store(DQ + token[:, None] * HEAD_DIM + d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=valid[:, None] & (d[None, :] < HEAD_DIM))

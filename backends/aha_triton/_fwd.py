@@ -12,6 +12,10 @@ NaN safety in masked blocks: scores outside a row's range become -inf, and
 values with a NaN or inf are zeroed before p @ V (0 * NaN would leak into rows
 that do not read them); a row that does read such a value is flagged and comes
 out NaN, as in the reference.
+
+Bundles passed to the helpers: ``kv = (k_base, v_base, stride_kn, stride_vn, NK)``,
+``TILE = (HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)`` (constexpr) and the softmax
+state ``(acc, m, lsum, bad)``.
 """
 
 from __future__ import annotations
@@ -23,34 +27,12 @@ from aha_triton._common import _bad_columns, _block_rows, _finite, _row_coords, 
 
 
 @triton.jit
-def _softmax_step(acc, m, lsum, s, v, PRECISION: tl.constexpr):
-    """Fold one key block (scores s [M, N] in base 2, -inf = unseen) into the online softmax."""
-    m_new = tl.maximum(m, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet
-    alpha = tl.exp2(m - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    lsum = lsum * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-    return acc, m_new, lsum
-
-
-@triton.jit
-def _load_kv(
-    k_base,
-    v_base,
-    stride_kn,
-    stride_vn,
-    kb,
-    NK,
-    MASKED: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+def _load_kv(kv, kb, MASKED: tl.constexpr, TILE: tl.constexpr):
     """Key block kb: k [N, D], v [N, D] and key positions j [N]."""
-    j = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
-    mask = d[None, :] < HEAD_DIM
+    k_base, v_base, stride_kn, stride_vn, NK = kv
+    j = kb * TILE[1] + tl.arange(0, TILE[1])
+    d = tl.arange(0, TILE[2])
+    mask = d[None, :] < TILE[0]
     if MASKED:
         mask = mask & (j[:, None] < NK)
     k = tl.load(k_base + j[:, None].to(tl.int64) * stride_kn + d[None, :], mask=mask, other=0.0)
@@ -59,132 +41,87 @@ def _load_kv(
 
 
 @triton.jit
-def _fwd_stage(
-    acc,
-    m,
-    lsum,
-    bad,
-    q,
-    k_base,
-    v_base,
-    stride_kn,
-    stride_vn,
-    kb_lo,
-    kb_hi,
-    lo,
-    pos,
-    NK,
-    scale_log2,
-    MASKED: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+def _softmax_step(state, s, v, PRECISION: tl.constexpr):
+    """Fold one key block (scores s [M, N] in base 2, -inf = unseen) into the online softmax."""
+    acc, m, lsum, bad = state
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet
+    alpha = tl.exp2(m - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    lsum = lsum * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_new, lsum, bad
+
+
+@triton.jit
+def _flag_bad(state, seen, col_bad):
+    """Mark the rows that read a key whose value holds a NaN or an inf."""
+    acc, m, lsum, bad = state
+    return acc, m, lsum, tl.maximum(bad, tl.max(tl.where(seen & col_bad, 1, 0), 1))
+
+
+@triton.jit
+def _init_state(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    return acc, m, tl.zeros([BLOCK_M], dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.int32)
+
+
+@triton.jit
+def _fwd_stage(state, q, kv, kb_lo, kb_hi, lo, pos, scale_log2, MASKED: tl.constexpr, TILE: tl.constexpr):
     """One branch over key blocks [kb_lo, kb_hi); rows read keys lo <= j <= pos."""
     for kb in range(kb_lo, kb_hi):
-        k, v, j = _load_kv(k_base, v_base, stride_kn, stride_vn, kb, NK, MASKED, HEAD_DIM, BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (M, N)
+        k, v, j = _load_kv(kv, kb, MASKED, TILE)
+        s = tl.dot(q, tl.trans(k), input_precision=TILE[3]) * scale_log2  # (M, N)
         if MASKED:
             seen = (j[None, :] >= lo[:, None]) & (j[None, :] <= pos[:, None])
             s = tl.where(seen, s, float("-inf"))
-            bad = tl.maximum(bad, tl.max(tl.where(seen & (_bad_columns(v)[None, :] > 0), 1, 0), 1))
+            state = _flag_bad(state, seen, _bad_columns(v)[None, :] > 0)
             v = tl.where(_finite(v), v, 0.0)
-        acc, m, lsum = _softmax_step(acc, m, lsum, s, v, PRECISION)
-    return acc, m, lsum, bad
+        state = _softmax_step(state, s, v, TILE[3])
+    return state
 
 
 @triton.jit
-def _fwd_stage_both(
-    acc_a,
-    m_a,
-    lsum_a,
-    bad_a,
-    acc_h,
-    m_h,
-    lsum_h,
-    bad_h,
-    q,
-    k_base,
-    v_base,
-    stride_kn,
-    stride_vn,
-    kb_lo,
-    kb_hi,
-    lo_h,
-    pos,
-    NK,
-    scale_log2,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+def _fwd_stage_both(state_a, state_h, q, kv, kb_lo, kb_hi, pos, WINDOW, scale_log2, TILE: tl.constexpr):
     """All and Here together over key blocks [kb_lo, kb_hi), masked: one q.k for both branches."""
     for kb in range(kb_lo, kb_hi):
-        k, v, j = _load_kv(k_base, v_base, stride_kn, stride_vn, kb, NK, True, HEAD_DIM, BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (M, N)
+        k, v, j = _load_kv(kv, kb, True, TILE)
+        s = tl.dot(q, tl.trans(k), input_precision=TILE[3]) * scale_log2  # (M, N)
         seen_a = j[None, :] <= pos[:, None]
-        seen_h = seen_a & (j[None, :] >= lo_h[:, None])
+        seen_h = seen_a & (j[None, :] > pos[:, None] - WINDOW)
         col_bad = _bad_columns(v)[None, :] > 0
-        bad_a = tl.maximum(bad_a, tl.max(tl.where(seen_a & col_bad, 1, 0), 1))
-        bad_h = tl.maximum(bad_h, tl.max(tl.where(seen_h & col_bad, 1, 0), 1))
+        state_a = _flag_bad(state_a, seen_a, col_bad)
+        state_h = _flag_bad(state_h, seen_h, col_bad)
         v = tl.where(_finite(v), v, 0.0)
-        acc_a, m_a, lsum_a = _softmax_step(acc_a, m_a, lsum_a, tl.where(seen_a, s, float("-inf")), v, PRECISION)
-        acc_h, m_h, lsum_h = _softmax_step(acc_h, m_h, lsum_h, tl.where(seen_h, s, float("-inf")), v, PRECISION)
-    return acc_a, m_a, lsum_a, bad_a, acc_h, m_h, lsum_h, bad_h
+        state_a = _softmax_step(state_a, tl.where(seen_a, s, float("-inf")), v, TILE[3])
+        state_h = _softmax_step(state_h, tl.where(seen_h, s, float("-inf")), v, TILE[3])
+    return state_a, state_h
 
 
 @triton.jit
-def _finish(acc, m, lsum, bad):
+def _finish(state):
     """Normalised branch output [M, D] (NaN where a read value was NaN/inf) and its lse2 [M]."""
-    out = acc / lsum[:, None]
-    out = tl.where(bad[:, None] > 0, float("nan"), out)
+    acc, m, lsum, bad = state
+    out = tl.where(bad[:, None] > 0, float("nan"), acc / lsum[:, None])
     return out, m + tl.log2(lsum)
 
 
 @triton.jit
 def _aha_fwd(
-    Q,
-    K,
-    V,
-    GATE,
-    ORDER,
-    NALL,
-    OUT,
-    LSE,
-    BRANCHES,
-    stride_qb,
-    stride_qh,
-    stride_qn,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    HKV,
-    NQ,
-    NK,
-    WINDOW,
-    TOKENS,
-    scale_log2,
-    G: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BOTH: tl.constexpr,
-    STORE_BRANCHES: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    Q, K, V, GATE, ORDER, NALL, OUT, LSE, BRANCHES,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    HKV, NQ, NK, WINDOW, TOKENS, scale_log2,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BOTH: tl.constexpr, STORE_BRANCHES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """OUT [B, Hq, Nq, D]; LSE [S, B, Hq, Nq] base-2 (S = 1 routed: the selected branch;
+    """OUT [B, Hq, Nq, D]; LSE [S, B, Hq, Nq] base 2 (S = 1 routed: the selected branch;
     S = 2 BOTH: All, Here); BRANCHES [2, B, Hq, Nq, D] = All, Here when STORE_BRANCHES.
-    TOKENS = B * Hq * Nq. GATE [B, Hq, Nq] float32 (BOTH only)."""
+    TOKENS = B * Hq * Nq. GATE [B, Hq, Nq] float32 (BOTH only). Grid: (query blocks, B * Hkv)."""
     t = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HKV
-    kvh = bh % HKV
+    b = (bh // HKV).to(tl.int64)
+    kvh = (bh % HKV).to(tl.int64)
     rows = G * NQ
     if BOTH:
         start = t * BLOCK_M
@@ -198,80 +135,25 @@ def _aha_fwd(
     i, hl, pos, token = _row_coords(row, bh, NQ, NK, G)
     d = tl.arange(0, BLOCK_D)
     dmask = d[None, :] < HEAD_DIM
-    q_ptr = Q + b.to(tl.int64) * stride_qb + (kvh * G + hl)[:, None].to(tl.int64) * stride_qh
-    q = tl.load(q_ptr + i[:, None].to(tl.int64) * stride_qn + d[None, :], mask=dmask, other=0.0)  # (M, D)
-    k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+    q_ptr = Q + b * stride_qb + (kvh * G + hl)[:, None] * stride_qh + i[:, None].to(tl.int64) * stride_qn
+    q = tl.load(q_ptr + d[None, :], mask=dmask, other=0.0)  # (M, D)
+    kv = (K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh, stride_kn, stride_vn, NK)
+    TILE: tl.constexpr = (HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
     pos_first = tl.min(pos, 0)
     pos_last = tl.max(pos, 0)
     kb_hi = tl.cdiv(pos_last + 1, BLOCK_N)
-    full_hi = (pos_first + 1) // BLOCK_N  # blocks below end before every row's position
-
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    lsum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    bad = tl.zeros([BLOCK_M], dtype=tl.int32)
     out_ptr = token[:, None] * HEAD_DIM + d[None, :]
     store_mask = valid[:, None] & dmask
     if BOTH:
-        lo_h = pos - WINDOW + 1
-        kb_h = tl.maximum(pos_first - WINDOW + 1, 0) // BLOCK_N  # first block any window reaches
-        acc, m, lsum, bad = _fwd_stage(
-            acc,
-            m,
-            lsum,
-            bad,
-            q,
-            k_base,
-            v_base,
-            stride_kn,
-            stride_vn,
-            0,
-            kb_h,
-            pos,
-            pos,
-            NK,
-            scale_log2,
-            False,
-            HEAD_DIM,
-            BLOCK_N,
-            BLOCK_D,
-            PRECISION,
-        )
-        acc_h = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        m_h = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        lsum_h = tl.zeros([BLOCK_M], dtype=tl.float32)
-        bad_h = tl.zeros([BLOCK_M], dtype=tl.int32)
-        acc, m, lsum, bad, acc_h, m_h, lsum_h, bad_h = _fwd_stage_both(
-            acc,
-            m,
-            lsum,
-            bad,
-            acc_h,
-            m_h,
-            lsum_h,
-            bad_h,
-            q,
-            k_base,
-            v_base,
-            stride_kn,
-            stride_vn,
-            kb_h,
-            kb_hi,
-            lo_h,
-            pos,
-            NK,
-            scale_log2,
-            HEAD_DIM,
-            BLOCK_N,
-            BLOCK_D,
-            PRECISION,
-        )
-        out_a, lse_a = _finish(acc, m, lsum, bad)
-        out_h, lse_h = _finish(acc_h, m_h, lsum_h, bad_h)
+        # [0, kb_h): All only, below every window and every row's position; [kb_h, kb_hi): both, masked
+        kb_h = tl.maximum(pos_first - WINDOW + 1, 0) // BLOCK_N
+        state_a = _fwd_stage(_init_state(BLOCK_M, BLOCK_D), q, kv, 0, kb_h, pos, pos, scale_log2, False, TILE)
+        state_a, state_h = _fwd_stage_both(state_a, _init_state(BLOCK_M, BLOCK_D), q, kv, kb_h, kb_hi, pos,
+                                           WINDOW, scale_log2, TILE)
+        out_a, lse_a = _finish(state_a)
+        out_h, lse_h = _finish(state_h)
         g = tl.load(GATE + token)[:, None]
-        blend = g * out_a + (1.0 - g) * out_h
-        out = tl.where(g == 1.0, out_a, tl.where(g == 0.0, out_h, blend))
+        out = tl.where(g == 1.0, out_a, tl.where(g == 0.0, out_h, g * out_a + (1.0 - g) * out_h))
         tl.store(OUT + out_ptr, out.to(OUT.dtype.element_ty), mask=store_mask)
         if STORE_BRANCHES:
             tl.store(BRANCHES + out_ptr, out_a.to(BRANCHES.dtype.element_ty), mask=store_mask)
@@ -280,76 +162,13 @@ def _aha_fwd(
             tl.store(LSE + token, lse_a, mask=valid)
             tl.store(LSE + TOKENS + token, lse_h, mask=valid)
     else:
-        lo = tl.where(is_all == 1, 0, pos - WINDOW + 1)
+        lo = tl.where(is_all == 1, 0, pos - WINDOW + 1)  # first key of each row (unclamped)
         kb_lo = tl.maximum(tl.min(lo, 0), 0) // BLOCK_N
         b1 = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(tl.max(lo, 0), 0), BLOCK_N), kb_lo), kb_hi)
-        b2 = tl.minimum(tl.maximum(full_hi, b1), kb_hi)
-        acc, m, lsum, bad = _fwd_stage(
-            acc,
-            m,
-            lsum,
-            bad,
-            q,
-            k_base,
-            v_base,
-            stride_kn,
-            stride_vn,
-            kb_lo,
-            b1,
-            lo,
-            pos,
-            NK,
-            scale_log2,
-            True,
-            HEAD_DIM,
-            BLOCK_N,
-            BLOCK_D,
-            PRECISION,
-        )
-        acc, m, lsum, bad = _fwd_stage(
-            acc,
-            m,
-            lsum,
-            bad,
-            q,
-            k_base,
-            v_base,
-            stride_kn,
-            stride_vn,
-            b1,
-            b2,
-            lo,
-            pos,
-            NK,
-            scale_log2,
-            False,
-            HEAD_DIM,
-            BLOCK_N,
-            BLOCK_D,
-            PRECISION,
-        )
-        acc, m, lsum, bad = _fwd_stage(
-            acc,
-            m,
-            lsum,
-            bad,
-            q,
-            k_base,
-            v_base,
-            stride_kn,
-            stride_vn,
-            b2,
-            kb_hi,
-            lo,
-            pos,
-            NK,
-            scale_log2,
-            True,
-            HEAD_DIM,
-            BLOCK_N,
-            BLOCK_D,
-            PRECISION,
-        )
-        out, lse = _finish(acc, m, lsum, bad)
+        b2 = tl.minimum(tl.maximum((pos_first + 1) // BLOCK_N, b1), kb_hi)
+        state = _fwd_stage(_init_state(BLOCK_M, BLOCK_D), q, kv, kb_lo, b1, lo, pos, scale_log2, True, TILE)
+        state = _fwd_stage(state, q, kv, b1, b2, lo, pos, scale_log2, False, TILE)
+        state = _fwd_stage(state, q, kv, b2, kb_hi, lo, pos, scale_log2, True, TILE)
+        out, lse = _finish(state)
         tl.store(OUT + out_ptr, out.to(OUT.dtype.element_ty), mask=store_mask)
         tl.store(LSE + token, lse, mask=valid)

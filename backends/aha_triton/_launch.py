@@ -52,17 +52,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
-def _tiles(kernel: str, d: int) -> Tiles:
-    """Tiles for ``kernel`` at padded head dim d. Chosen for Hopper-class GPUs, not tuned on one yet."""
-    if kernel in _OVERRIDE:
-        return _OVERRIDE[kernel]
-    if interpreting():
-        return Tiles(32, 32)  # the interpreter runs one block at a time in NumPy: few, large blocks
+def gpu_tiles(kernel: str, d: int) -> Tiles:
+    """GPU tiles of ``kernel`` (fwd, dkdv, dq) at padded head dim d: chosen for Hopper, not yet tuned on one."""
     if kernel == "fwd":
         return Tiles(128, 64, 8, 3) if d <= 128 else Tiles(64, 64, 8, 2)
     if kernel == "dkdv":  # m = queries per step, n = keys per program
         return Tiles(64, 64, 8, 2) if d <= 128 else Tiles(32, 64, 8, 1)
     return Tiles(64, 64, 8, 2) if d <= 128 else Tiles(64, 32, 8, 1)  # dq
+
+
+def _tiles(kernel: str, d: int) -> Tiles:
+    if kernel in _OVERRIDE:
+        return _OVERRIDE[kernel]
+    if interpreting():
+        return Tiles(32, 32)  # the interpreter runs one block at a time in NumPy: few, large blocks
+    return gpu_tiles(kernel, d)
 
 
 def _block_d(d: int) -> int:
