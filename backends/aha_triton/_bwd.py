@@ -10,8 +10,9 @@ dO_b = w_b * dout, the flash backward is
 
 Routed calls have one branch per token with weight 1. Terms are selected with
 ``where`` (never multiplied by a zero weight) so that a NaN of an unread key or
-of an unselected branch stays out, as in the reference; masked blocks also zero
-the NaN/inf entries of k and v before the products.
+of an unselected branch stays out, as in the reference: scores q.k and dout.v use
+the raw k and v (a row that reads a NaN gets NaN), while ds @ k, where rows that
+do not read a key hold ds = 0, uses k with its NaN/inf entries zeroed.
 
 dk/dv: one program per key block of one kv group, summing over the group's
 query heads in a fixed order, so dk and dv are deterministic. dq: either its own
@@ -28,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from aha_triton._common import _block_rows, _finite, _row_coords, _segment
+from aha_triton._common import _block_rows, _dense_block, _finite, _row_coords, _segment
 from aha_triton._fwd import _load_kv
 
 
@@ -75,19 +76,21 @@ def _branch_p(s, lse, seen):
 
 
 @triton.jit
-def _dkdv_finish(dk, dv, dsT, wpT, q, do, k, token, valid, DQ, scale, FUSE_DQ: tl.constexpr, TILE: tl.constexpr):
-    """dk += ds^T q, dv += (w p)^T dout, and with FUSE_DQ dq += scale * ds k by atomics."""
+def _dkdv_finish(dk, dv, dsT, wpT, q, do, k_safe, token, valid, DQ, scale, FUSE_DQ: tl.constexpr,
+                 TILE: tl.constexpr):
+    """dk += ds^T q, dv += (w p)^T dout, and with FUSE_DQ dq += scale * ds k by atomics
+    (k_safe: k with NaN/inf zeroed, since ds = 0 for rows that do not read a key)."""
     dv = tl.dot(wpT.to(do.dtype), do, dv, input_precision=TILE[3])
     dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=TILE[3])
     if FUSE_DQ:
         d = tl.arange(0, TILE[2])
-        dq = tl.dot(tl.trans(dsT).to(k.dtype), k, input_precision=TILE[3]) * scale  # (M, D)
+        dq = tl.dot(tl.trans(dsT).to(k_safe.dtype), k_safe, input_precision=TILE[3]) * scale  # (M, D)
         tl.atomic_add(DQ + token[:, None] * TILE[0] + d[None, :], dq, mask=valid[:, None] & (d[None, :] < TILE[0]))
     return dk, dv
 
 
 @triton.jit
-def _dkdv_routed(dk, dv, k, v, j, src, dims, ORDER_ROW, DQ, start, end, is_all, scale, scale_log2,
+def _dkdv_routed(dk, dv, k, v, k_safe, j, src, dims, ORDER_ROW, DQ, start, end, is_all, scale, scale_log2,
                  G: tl.constexpr, MASKED: tl.constexpr, FUSE_DQ: tl.constexpr, TILE: tl.constexpr):
     """One query block of one branch against the program's key block."""
     row, valid = _block_rows(ORDER_ROW, start, end, False, TILE[1])
@@ -102,23 +105,23 @@ def _dkdv_routed(dk, dv, k, v, j, src, dims, ORDER_ROW, DQ, start, end, is_all, 
     pT = _branch_p(sT, lse[None, :], seen)
     dpT = tl.dot(v, tl.trans(do), input_precision=TILE[3])  # (N, M)
     dsT = tl.where(seen, pT * (dpT - delta[None, :]), 0.0)
-    return _dkdv_finish(dk, dv, dsT, pT, q, do, k, token, valid, DQ, scale, FUSE_DQ, TILE)
+    return _dkdv_finish(dk, dv, dsT, pT, q, do, k_safe, token, valid, DQ, scale, FUSE_DQ, TILE)
 
 
 @triton.jit
-def _dkdv_stage(dk, dv, k, v, j, src, dims, ORDER_ROW, DQ, t_lo, t_hi, seg_lo, seg_hi, is_all, scale, scale_log2,
-                G: tl.constexpr, MASKED: tl.constexpr, FUSE_DQ: tl.constexpr, TILE: tl.constexpr):
+def _dkdv_stage(dk, dv, k, v, k_safe, j, src, dims, ORDER_ROW, DQ, t_lo, t_hi, seg_lo, seg_hi, is_all,
+                scale, scale_log2, G: tl.constexpr, MASKED: tl.constexpr, FUSE_DQ: tl.constexpr, TILE: tl.constexpr):
     """Query blocks [t_lo, t_hi) of the routed segment holding row slots [seg_lo, seg_hi)."""
     for t in range(t_lo, t_hi):
         start = seg_lo + t * TILE[1]
         end = tl.minimum(start + TILE[1], seg_hi)
-        dk, dv = _dkdv_routed(dk, dv, k, v, j, src, dims, ORDER_ROW, DQ, start, end, is_all, scale, scale_log2,
-                              G, MASKED, FUSE_DQ, TILE)
+        dk, dv = _dkdv_routed(dk, dv, k, v, k_safe, j, src, dims, ORDER_ROW, DQ, start, end, is_all,
+                              scale, scale_log2, G, MASKED, FUSE_DQ, TILE)
     return dk, dv
 
 
 @triton.jit
-def _dkdv_both(dk, dv, k, v, j, src, dims, DQ, t_lo, t_hi, scale, scale_log2,
+def _dkdv_both(dk, dv, k, v, k_safe, j, src, dims, DQ, t_lo, t_hi, scale, scale_log2,
                G: tl.constexpr, HERE: tl.constexpr, FUSE_DQ: tl.constexpr, TILE: tl.constexpr):
     """Query blocks [t_lo, t_hi), both branches mixed by the gate. HERE=False: the key block lies
     wholly inside every row's causal range and outside every window (All only, no mask)."""
@@ -144,7 +147,7 @@ def _dkdv_both(dk, dv, k, v, j, src, dims, DQ, t_lo, t_hi, scale, scale_log2,
             p_h = _branch_p(sT, tl.load(LSE + TOKENS + token)[None, :], seen_h)
             dsT += tl.where(seen_h, p_h * ((1.0 - g) * dpT - tl.load(DELTA + TOKENS + token)[None, :]), 0.0)
             wpT += (1.0 - g) * p_h
-        dk, dv = _dkdv_finish(dk, dv, dsT, wpT, q, do, k, token, valid, DQ, scale, FUSE_DQ, TILE)
+        dk, dv = _dkdv_finish(dk, dv, dsT, wpT, q, do, k_safe, token, valid, DQ, scale, FUSE_DQ, TILE)
     return dk, dv
 
 
@@ -164,8 +167,7 @@ def _aha_bwd_dkdv(
     rows = G * NQ
     kv = (K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh, stride_kn, stride_vn, NK)
     k, v, j = _load_kv(kv, kb, True, (HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION))
-    k_safe = tl.where(_finite(k), k, 0.0)  # for masked blocks: 0 * NaN must not reach unread rows
-    v_safe = tl.where(_finite(v), v, 0.0)
+    k_safe = tl.where(_finite(k), k, 0.0)  # for ds @ k: 0 * NaN must not reach rows that do not read a key
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     src = (Q, DOUT, LSE, DELTA, GATE, Q + b * stride_qb, stride_qh, stride_qn)
@@ -176,11 +178,12 @@ def _aha_bwd_dkdv(
         kb_last = tl.minimum(kb * BLOCK_N + BLOCK_N, NK) - 1
         nblk = tl.cdiv(rows, BLOCK_M)
         t0 = tl.minimum((tl.maximum(kb * BLOCK_N - off, 0) * G) // BLOCK_M, nblk)  # first block reaching kb
-        t_h = tl.cdiv(tl.maximum(kb_last + WINDOW - off, 0) * G, BLOCK_M)  # first block all of whose windows start later
+        t_h = tl.cdiv(tl.maximum(kb_last + WINDOW - off, 0) * G, BLOCK_M)  # first block whose windows all start later
         t_h = tl.minimum(tl.maximum(t_h, t0), nblk)
-        dk, dv = _dkdv_both(dk, dv, k_safe, v_safe, j, src, dims, DQ, t0, t_h, scale, scale_log2, G, True, FUSE_DQ,
-                            TILE)
-        dk, dv = _dkdv_both(dk, dv, k, v, j, src, dims, DQ, t_h, nblk, scale, scale_log2, G, False, FUSE_DQ, TILE)
+        dk, dv = _dkdv_both(dk, dv, k, v, k_safe, j, src, dims, DQ, t0, t_h, scale, scale_log2, G, True,
+                            FUSE_DQ, TILE)
+        dk, dv = _dkdv_both(dk, dv, k, v, k_safe, j, src, dims, DQ, t_h, nblk, scale, scale_log2, G, False,
+                            FUSE_DQ, TILE)
     else:
         order_row = ORDER + bh.to(tl.int64) * rows
         n_all = tl.load(NALL + bh)
@@ -188,16 +191,16 @@ def _aha_bwd_dkdv(
         a0, a1 = tl.load(rng), tl.load(rng + 1)
         h0, h1, h2, h3 = tl.load(rng + 2), tl.load(rng + 3), tl.load(rng + 4), tl.load(rng + 5)
         # All blocks: [a0, a1) straddle the causal edge, [a1, end) see the whole key block
-        dk, dv = _dkdv_stage(dk, dv, k_safe, v_safe, j, src, dims, order_row, DQ, a0, a1, 0, n_all, 1,
+        dk, dv = _dkdv_stage(dk, dv, k, v, k_safe, j, src, dims, order_row, DQ, a0, a1, 0, n_all, 1,
                              scale, scale_log2, G, True, FUSE_DQ, TILE)
-        dk, dv = _dkdv_stage(dk, dv, k, v, j, src, dims, order_row, DQ, a1, tl.cdiv(n_all, BLOCK_M), 0, n_all, 1,
-                             scale, scale_log2, G, False, FUSE_DQ, TILE)
+        dk, dv = _dkdv_stage(dk, dv, k, v, k_safe, j, src, dims, order_row, DQ, a1, tl.cdiv(n_all, BLOCK_M), 0,
+                             n_all, 1, scale, scale_log2, G, False, FUSE_DQ, TILE)
         # Here blocks: [h1, h2) see the whole key block, the others straddle a window edge
-        dk, dv = _dkdv_stage(dk, dv, k_safe, v_safe, j, src, dims, order_row, DQ, h0, h1, n_all, rows, 0,
+        dk, dv = _dkdv_stage(dk, dv, k, v, k_safe, j, src, dims, order_row, DQ, h0, h1, n_all, rows, 0,
                              scale, scale_log2, G, True, FUSE_DQ, TILE)
-        dk, dv = _dkdv_stage(dk, dv, k, v, j, src, dims, order_row, DQ, h1, h2, n_all, rows, 0,
+        dk, dv = _dkdv_stage(dk, dv, k, v, k_safe, j, src, dims, order_row, DQ, h1, h2, n_all, rows, 0,
                              scale, scale_log2, G, False, FUSE_DQ, TILE)
-        dk, dv = _dkdv_stage(dk, dv, k_safe, v_safe, j, src, dims, order_row, DQ, h2, h3, n_all, rows, 0,
+        dk, dv = _dkdv_stage(dk, dv, k, v, k_safe, j, src, dims, order_row, DQ, h2, h3, n_all, rows, 0,
                              scale, scale_log2, G, True, FUSE_DQ, TILE)
     d = tl.arange(0, BLOCK_D)
     mask = (j[:, None] < NK) & (d[None, :] < HEAD_DIM)
@@ -214,9 +217,6 @@ def _dq_stage(dq, q, do, stats, kv, kb_lo, kb_hi, lo, pos, WINDOW, scale_log2,
     lse, delta, g, lse_h, delta_h = stats
     for kb in range(kb_lo, kb_hi):
         k, v, j = _load_kv(kv, kb, MASKED, TILE)
-        if MASKED:
-            k = tl.where(_finite(k), k, 0.0)
-            v = tl.where(_finite(v), v, 0.0)
         s = tl.dot(q, tl.trans(k), input_precision=TILE[3]) * scale_log2  # (M, N)
         dp = tl.dot(do, tl.trans(v), input_precision=TILE[3])  # (M, N)
         causal = j[None, :] <= pos[:, None]
@@ -233,6 +233,8 @@ def _dq_stage(dq, q, do, stats, kv, kb_lo, kb_hi, lo, pos, WINDOW, scale_log2,
             ds = tl.where(seen, _branch_p(s, lse[:, None], seen) * (dp - delta[:, None]), 0.0)
         else:
             ds = tl.exp2(s - lse[:, None]) * (dp - delta[:, None])
+        if MASKED or BOTH:  # some rows do not read some keys: their ds is 0, and 0 * NaN must stay out
+            k = tl.where(_finite(k), k, 0.0)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=TILE[3])
     return dq
 
@@ -252,9 +254,7 @@ def _aha_bwd_dq(
     kvh = (bh % HKV).to(tl.int64)
     rows = G * NQ
     if BOTH:
-        start = t * BLOCK_M
-        end = tl.minimum(start + BLOCK_M, rows)
-        is_all = 0
+        start, end, is_all = _dense_block(t, rows, BLOCK_M)
     else:
         start, end, is_all = _segment(t, tl.load(NALL + bh), rows, BLOCK_M)
     if start >= end:

@@ -17,10 +17,14 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _segment(t, n_all, rows, BLOCK_M: tl.constexpr):
-    """Query block t of a routed group: its row slots [start, end) and whether they are All."""
+    """Query block t of a routed group: its row slots [start, end) and whether they are All.
+
+    All blocks come first, the latest positions (the longest rows) first, so that the
+    heaviest programs start early and the short ones fill the tail.
+    """
     nblk_all = tl.cdiv(n_all, BLOCK_M)
     if t < nblk_all:
-        start = t * BLOCK_M
+        start = (nblk_all - 1 - t) * BLOCK_M
         end = tl.minimum(start + BLOCK_M, n_all)
         is_all = 1
     else:
@@ -28,6 +32,13 @@ def _segment(t, n_all, rows, BLOCK_M: tl.constexpr):
         end = tl.minimum(start + BLOCK_M, rows)
         is_all = 0
     return start, end, is_all
+
+
+@triton.jit
+def _dense_block(t, rows, BLOCK_M: tl.constexpr):
+    """Query block t of a BOTH call (natural row order), the latest positions first."""
+    start = (tl.cdiv(rows, BLOCK_M) - 1 - t) * BLOCK_M
+    return start, tl.minimum(start + BLOCK_M, rows), 0
 
 
 @triton.jit

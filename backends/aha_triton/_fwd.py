@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from aha_triton._common import _bad_columns, _block_rows, _finite, _row_coords, _segment
+from aha_triton._common import _bad_columns, _block_rows, _dense_block, _finite, _row_coords, _segment
 
 
 @triton.jit
@@ -124,9 +124,7 @@ def _aha_fwd(
     kvh = (bh % HKV).to(tl.int64)
     rows = G * NQ
     if BOTH:
-        start = t * BLOCK_M
-        end = tl.minimum(start + BLOCK_M, rows)
-        is_all = 0
+        start, end, is_all = _dense_block(t, rows, BLOCK_M)
     else:
         start, end, is_all = _segment(t, tl.load(NALL + bh), rows, BLOCK_M)
     if start >= end:
