@@ -21,9 +21,8 @@ def _install(session, extras="testing"):
 def tests(session):
     """The whole test suite, conformance for every backend included (CI)."""
     _install(session, "testing,hf,triton")
-    session.env.setdefault("HYPOTHESIS_PROFILE", "ci")
     session.env.setdefault("TRITON_INTERPRET", "1")
-    session.run("pytest", "-q", "-ra", *session.posargs)
+    session.run("pytest", "-q", "-ra", "--hypothesis-profile=ci", *session.posargs)
 
 
 @nox.session(python=PY)
@@ -31,15 +30,14 @@ def conformance(session):
     """The conformance suite for every registered backend, or `-- --backend NAME` for one."""
     _install(session, "testing,triton")
     session.install("--no-deps", "./tests/example_plugin")
-    session.env.setdefault("HYPOTHESIS_PROFILE", "ci")
     session.env.setdefault("TRITON_INTERPRET", "1")
-    session.run("python", "-m", "aha", "conformance", *session.posargs)
+    session.run("python", "-m", "aha", "conformance", "--hypothesis-profile=ci", *session.posargs)
 
 
 @nox.session(python=PY)
 def lint(session):
     session.install("ruff")
-    session.run("ruff", "check", "src", "backends", "tests", "noxfile.py")
+    session.run("ruff", "check", "src", "backends", "tests", "docs/scripts", "examples", "noxfile.py")
 
 
 @nox.session(python=PY)

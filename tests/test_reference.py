@@ -89,3 +89,21 @@ def test_soft_gate_blends_linearly():
     g = np.full((1, 2, 6), 0.25)
     a, h = reference.attention(q, k, v, np.ones_like(g), 2), reference.attention(q, k, v, np.zeros_like(g), 2)
     np.testing.assert_allclose(reference.attention(q, k, v, g, 2), 0.25 * a + 0.75 * h, atol=1e-15)
+
+
+def test_cache_seqlens_is_one_call_per_sequence_and_ignores_the_tail():
+    rng = np.random.default_rng(8)
+    q, k, v = rng.normal(size=(2, 2, 3, 4)), rng.normal(size=(2, 1, 9, 4)), rng.normal(size=(2, 1, 9, 4))
+    gate, dout = (rng.uniform(size=(2, 2, 3)) < 0.5).astype(float), rng.normal(size=(2, 2, 3, 4))
+    lens = [5, 9]
+    k[0, :, 5:] = np.nan
+    out = reference.attention(q, k, v, gate, 3, cache_seqlens=lens)
+    grads = reference.attention_vjp(q, k, v, gate, 3, dout, cache_seqlens=lens)
+    for b, n in enumerate(lens):
+        one = (q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], gate[b : b + 1])
+        np.testing.assert_array_equal(out[b : b + 1], reference.attention(*one, 3))
+        dq, dk, dv, dg = reference.attention_vjp(*one, 3, dout[b : b + 1])
+        np.testing.assert_array_equal(grads[1][b : b + 1, :, :n], dk)
+        assert not grads[1][b, :, n:].any() and not grads[2][b, :, n:].any()
+        np.testing.assert_array_equal(grads[0][b : b + 1], dq)
+        np.testing.assert_array_equal(grads[3][b : b + 1], dg)

@@ -90,3 +90,18 @@ def test_route_threshold_and_dtype_are_checked():
         aha.route(torch.zeros(2), threshold=1.5)
     with pytest.raises(TypeError, match="logits must be floating"):
         aha.route(torch.zeros(2, dtype=torch.long))
+
+
+def test_cache_seqlens_are_checked():
+    q, k, v, g = _ok(b=2)
+    with pytest.raises(ValueError, match=r"cache_seqlens must have shape \[B\] = \(2,\), got \(3,\)"):
+        _call(q, k, v, g, cache_seqlens=torch.tensor([5, 6, 7]))
+    with pytest.raises(TypeError, match="cache_seqlens must be integers, got float32"):
+        _call(q, k, v, g, cache_seqlens=torch.tensor([5.0, 6.0]))
+    with pytest.raises(ValueError, match=r"lie in \[Nq, Nk\] = \[5, 7\].*\[4, 6\]"):
+        _call(q, k, v, g, cache_seqlens=torch.tensor([4, 6]))
+    with pytest.raises(ValueError, match=r"\[5, 8\]"):
+        _call(q, k, v, g, cache_seqlens=torch.tensor([5, 8]))
+    with pytest.raises(TypeError, match="cache_seqlens must be a torch array"):
+        _call(q, k, v, g, cache_seqlens=np.array([5, 6]))
+    assert _call(q, k, v, g, cache_seqlens=torch.tensor([5, 7])).shape == q.shape

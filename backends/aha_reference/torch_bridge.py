@@ -13,16 +13,17 @@ def _np(x: torch.Tensor):
 
 class ReferenceFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, gate, window, scale):
+    def forward(ctx, q, k, v, gate, window, scale, cache_seqlens):
         ctx.save_for_backward(q, k, v, gate)
         ctx.window, ctx.scale = window, scale
-        out = reference.attention(_np(q), _np(k), _np(v), _np(gate), window, scale)
+        ctx.seqlens = None if cache_seqlens is None else cache_seqlens.cpu().numpy()
+        out = reference.attention(_np(q), _np(k), _np(v), _np(gate), window, scale, ctx.seqlens)
         return torch.from_numpy(out).to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, gate = ctx.saved_tensors
-        grads = reference.attention_vjp(_np(q), _np(k), _np(v), _np(gate), ctx.window, _np(dout), ctx.scale)
+        grads = reference.attention_vjp(_np(q), _np(k), _np(v), _np(gate), ctx.window, _np(dout), ctx.scale, ctx.seqlens)
         dq, dk, dv, dgate = (torch.from_numpy(g) for g in grads)
         dgate = dgate.to(gate.dtype) if gate.is_floating_point() else None
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgate, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgate, None, None, None

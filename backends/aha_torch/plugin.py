@@ -14,10 +14,12 @@ def _available() -> str | None:
     return None
 
 
-def forward(q, k, v, gate, *, window, scale=None):
-    from aha_torch.sdpa import aha_sdpa
+def forward(q, k, v, gate, *, window, scale=None, cache_seqlens=None):
+    from aha_torch.sdpa import aha_sdpa, aha_sdpa_seqlens
 
-    return aha_sdpa(q, k, v, gate, window=window, scale=scale)
+    if cache_seqlens is None:
+        return aha_sdpa(q, k, v, gate, window=window, scale=scale)
+    return aha_sdpa_seqlens(q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens)
 
 
 @aha.hookimpl
@@ -26,7 +28,7 @@ def register_backends(register):
         aha.Backend(
             name="torch",
             forward=forward,
-            capabilities=Capabilities(arrays=("torch",), devices=("*",)),
+            capabilities=Capabilities(arrays=("torch",), devices=("*",), seqlens=True),
             priority=10,
             available=_available,
             description="portable PyTorch SDPA; skips the unselected branch when the gate needs no grad",

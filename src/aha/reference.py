@@ -5,7 +5,7 @@ written to be read, not to be fast: one loop over query positions, and for
 each query an explicit slice of the keys that its branch reads. Keys outside
 that slice are never touched, so a NaN there cannot leak into the output.
 
-Shapes::
+Shapes:
 
     q: [B, Hq, Nq, D]   k, v: [B, Hkv, Nk, D]   gate: [B, Hq, Nq]
     query head h reads kv head h // (Hq // Hkv)
@@ -109,20 +109,33 @@ def mix(g, out_all, out_here):
     return np.where(g == 1.0, out_all, np.where(g == 0.0, out_here, blend))
 
 
-def attention(q, k, v, gate, window, scale=None):
-    """AHA forward in float64. Returns [B, Hq, Nq, D] float64."""
+def attention(q, k, v, gate, window, scale=None, cache_seqlens=None):
+    """AHA forward in float64. Returns [B, Hq, Nq, D] float64.
+
+    With ``cache_seqlens`` ([B] ints), sequence b's keys are ``k[b, :, :cache_seqlens[b]]``
+    and its queries sit at positions cache_seqlens[b] - Nq + i; later keys are never read.
+    """
+    if cache_seqlens is not None:
+        return _per_sequence(attention, (q, k, v, gate), window, scale, cache_seqlens)[0]
     q, k, v, g, scale = _prepare(q, k, v, gate, scale)
     out_all = branch_forward(q, k, v, window, True, scale)
     out_here = branch_forward(q, k, v, window, False, scale)
     return mix(g, out_all, out_here)
 
 
-def attention_vjp(q, k, v, gate, window, dout, scale=None):
-    """Explicit VJP of :func:`attention`: returns (dq, dk, dv, dgate) in float64.
+def attention_vjp(q, k, v, gate, window, dout, scale=None, cache_seqlens=None):
+    """Explicit VJP of ``attention``: returns (dq, dk, dv, dgate) in float64.
 
     dAll = gate * dout, dHere = (1 - gate) * dout, and
     dgate[b, h, i] = sum_d dout[b, h, i, d] * (All - Here)[b, h, i, d].
+    Keys past ``cache_seqlens[b]`` get zero gradient.
     """
+    if cache_seqlens is not None:
+
+        def one_sequence(q, k, v, gate, dout, window, scale):
+            return attention_vjp(q, k, v, gate, window, dout, scale)
+
+        return _per_sequence(one_sequence, (q, k, v, gate, dout), window, scale, cache_seqlens)
     hkv = np.shape(k)[1]
     q, k, v, g, scale = _prepare(q, k, v, gate, scale)
     dout = np.asarray(dout, dtype=np.float64)
@@ -133,6 +146,26 @@ def attention_vjp(q, k, v, gate, window, dout, scale=None):
     dq, dk, dv = (a + h for a, h in zip(grads_all, grads_here))
     dgate = np.sum(dout * (out_all - out_here), axis=-1)  # (B, Hq, Nq)
     return dq, _fold_kv(dk, hkv), _fold_kv(dv, hkv), dgate
+
+
+def _per_sequence(fn, arrays, window, scale, cache_seqlens):
+    """Run ``fn`` on each sequence b with its keys cut to cache_seqlens[b]; zero-pad the key grads.
+
+    arrays = (q, k, v, gate[, dout]); fn returns one array (the forward) or (dq, dk, dv, dgate).
+    """
+    q, k = arrays[0], arrays[1]
+    results = None
+    for b, n in enumerate(np.asarray(cache_seqlens).tolist()):
+        one = [np.asarray(x)[b : b + 1] for x in arrays]
+        one[1], one[2] = one[1][:, :, :n], one[2][:, :, :n]  # (1, Hkv, n, D)
+        res = fn(*one, window, scale)
+        res = res if isinstance(res, tuple) else (res,)
+        if results is None:
+            shapes = [q.shape, k.shape, k.shape, q.shape[:3]] if len(res) == 4 else [q.shape]
+            results = tuple(np.zeros(sh) for sh in shapes)
+        for full, part in zip(results, res):
+            full[b : b + 1, :, : part.shape[2]] = part
+    return results
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -156,6 +189,6 @@ def sparsity_loss(logits) -> float:
 
 
 def sparsity_loss_vjp(logits, dloss=1.0):
-    """Gradient of :func:`sparsity_loss`: dloss * s * (1 - s) / logits.size."""
+    """Gradient of ``sparsity_loss``: dloss * s * (1 - s) / logits.size."""
     s = _sigmoid(np.asarray(logits, dtype=np.float64))
     return dloss * s * (1.0 - s) / s.size

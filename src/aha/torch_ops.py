@@ -50,7 +50,7 @@ class Mix(torch.autograd.Function):
 
 
 def mix(g: torch.Tensor, out_all: torch.Tensor, out_here: torch.Tensor) -> torch.Tensor:
-    """See :class:`Mix`. g: [B, Hq, Nq] bool or float; branches [B, Hq, Nq, D]."""
+    """See `Mix`. g: [B, Hq, Nq] bool or float; branches [B, Hq, Nq, D]."""
     if g.dtype == torch.bool:
         g = g.to(out_all.dtype)
     return Mix.apply(g, out_all, out_here)

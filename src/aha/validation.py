@@ -1,6 +1,6 @@
 """Validation of ``aha.attention`` inputs, done once before dispatch.
 
-Backends may assume that what reaches them passed :func:`validate_attention`.
+Backends may assume that what reaches them passed `validate_attention`.
 Every error names the argument, what was expected and what was seen.
 Nothing is broadcast: shapes must match exactly.
 """
@@ -32,6 +32,7 @@ class Problem:
     array: str  # "numpy" or "torch"
     requires_grad: bool  # any of q, k, v, gate
     gate_requires_grad: bool
+    seqlens: bool = False  # per-sequence cache lengths were given
 
 
 def array_kind(x, name: str = "input") -> str:
@@ -132,12 +133,30 @@ def _is_compiling() -> bool:
     return bool(torch.compiler.is_compiling())
 
 
-def validate_attention(q, k, v, gate, window, scale) -> Problem:
+def _validate_seqlens(cache_seqlens, q, kind: str, nk: int) -> None:
+    """cache_seqlens: [B] ints with Nq <= cache_seqlens[b] <= Nk."""
+    if array_kind(cache_seqlens, "cache_seqlens") != kind:
+        raise TypeError(f"cache_seqlens must be a {kind} array like q, got {type(cache_seqlens).__name__}")
+    b, nq = q.shape[0], q.shape[2]
+    if tuple(cache_seqlens.shape) != (b,):
+        raise ValueError(f"cache_seqlens must have shape [B] = ({b},), got {tuple(cache_seqlens.shape)}")
+    if not dtype_name(cache_seqlens).startswith(("int", "uint")):
+        raise TypeError(f"cache_seqlens must be integers, got {dtype_name(cache_seqlens)}")
+    if str(getattr(cache_seqlens, "device", "cpu")) != str(getattr(q, "device", "cpu")):
+        raise ValueError(f"cache_seqlens must be on q's device {q.device}, got {cache_seqlens.device}")
+    lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+    if lo < nq or hi > nk:
+        raise ValueError(f"cache_seqlens must lie in [Nq, Nk] = [{nq}, {nk}] (each sequence holds its Nq new tokens), got values in [{lo}, {hi}]")
+
+
+def validate_attention(q, k, v, gate, window, scale, cache_seqlens=None) -> Problem:
     """Check every argument of ``aha.attention`` and describe the problem."""
     kind, dtype, device = _validate_arrays(q, k, v)
     b, hq, hkv, nq, nk, d = _validate_shapes(q, k, v)
     _validate_gate(gate, q, kind, dtype)
     window = validate_window(window)
     _validate_scale(scale)
+    if cache_seqlens is not None:
+        _validate_seqlens(cache_seqlens, q, kind, nk)
     grads = [bool(getattr(x, "requires_grad", False)) for x in (q, k, v, gate)]
-    return Problem(b, hq, hkv, nq, nk, d, window, dtype, device, kind, any(grads), grads[3])
+    return Problem(b, hq, hkv, nq, nk, d, window, dtype, device, kind, any(grads), grads[3], cache_seqlens is not None)

@@ -6,7 +6,7 @@ key tiles a tile of queries must visit. They live here once, free of any array
 library, so that the reference, the torch, cpu and triton backends agree by
 construction.
 
-Conventions (see docs/spec.md)::
+Conventions (see docs/spec.md):
 
     pos(i)  = Nk - Nq + i                   bottom-right alignment
     All:    keys j with 0 <= j <= pos(i)

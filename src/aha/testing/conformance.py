@@ -1,7 +1,7 @@
 """The conformance suite: properties every AHA backend must satisfy.
 
 Run it with ``python -m aha conformance --backend NAME`` (or ``nox -s conformance``).
-Each test takes the ``aha_backend`` fixture of :mod:`aha.testing.pytest_plugin`;
+Each test takes the ``aha_backend`` fixture of ``aha.testing.pytest_plugin``;
 the problems are drawn per backend from what its capabilities declare.
 """
 
@@ -12,7 +12,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hypothesis import given, note
+from hypothesis import HealthCheck, note, settings
+from hypothesis import given as _given
 from hypothesis import strategies as st
 
 import aha
@@ -22,6 +23,12 @@ from aha.testing.golden import golden_cases
 from aha.testing.strategies import Case, aha_cases, edge_cases, make_inputs
 from aha.torch_ops import all_mask, here_mask
 from aha.window import position_offset
+
+
+def given(**strategies):
+    """hypothesis.given with the suite's fixed settings: no deadline (backends differ wildly in speed)."""
+    relaxed = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return lambda test: relaxed(_given(**strategies)(test))
 
 
 def _attend(be, inp, case, gate=None, **kw):
@@ -201,3 +208,50 @@ def test_golden_vectors(aha_backend):
             grads = torch.autograd.grad(out, [t["q"], t["k"], t["v"], t["gate"]], t["dout"])
             for key, got in zip(("dq", "dk", "dv", "dgate"), grads):
                 assert_close(f"{name}/{key}", got, g[key], dtype, kind="grad")
+
+
+def _chunks(data, n: int) -> list[int]:
+    """Split n tokens into a prefill and then chunks of 1..4 tokens (decode and chunked prefill)."""
+    sizes = [data.draw(st.integers(1, n), label="prefill")]
+    while sum(sizes) < n:
+        sizes.append(min(n - sum(sizes), data.draw(st.integers(1, 4), label="chunk")))
+    return sizes
+
+
+@given(data=st.data())
+def test_prefill_then_decode_equals_one_full_pass(aha_backend, data):
+    """Queries fed chunk by chunk against a growing cache give the rows of one full forward."""
+    if not aha_backend.caps.cross:
+        return
+    case = _draw(aha_backend, data, gates=("here", "random", "all"))
+    case = replace(case, Nq=case.Nk) if case.Nk <= 48 else replace(case, Nq=48, Nk=48)
+    inp = make_inputs(case, aha_backend.device)
+    full = _attend(aha_backend, inp, case)
+    rows, end = [], 0
+    for size in _chunks(data, case.Nk):
+        end += size
+        sl = slice(end - size, end)
+        rows.append(aha.attention(inp.q[:, :, sl], inp.k[:, :, :end], inp.v[:, :, :end], inp.gate[:, :, sl], window=case.window, backend=aha_backend.name))
+    tol = _LOCALITY_TOL[case.dtype]
+    torch.testing.assert_close(torch.cat(rows, dim=2), full, rtol=tol, atol=tol)
+
+
+@given(data=st.data())
+def test_cache_seqlens_read_only_each_sequence_s_keys(aha_backend, data):
+    """With cache_seqlens, sequence b reads k[b, :, :L_b] only: NaN past it changes nothing."""
+    if not aha_backend.caps.seqlens:
+        return
+    case = _draw(aha_backend, data)
+    case = replace(case, B=max(case.B, 2))
+    inp = make_inputs(case, aha_backend.device)
+    lens = [data.draw(st.integers(case.Nq, case.Nk), label=f"len{b}") for b in range(case.B)]
+    k, v = inp.k.clone(), inp.v.clone()
+    for b, n in enumerate(lens):
+        k[b, :, n:], v[b, :, n:] = float("nan"), float("nan")
+    seqlens = torch.tensor(lens, device=inp.q.device)
+    out = aha.attention(inp.q, k, v, inp.gate, window=case.window, cache_seqlens=seqlens, backend=aha_backend.name)
+    ref = reference.attention(to_np(inp.q), to_np(k), to_np(v), to_np(inp.gate), case.window, cache_seqlens=lens)
+    base = None
+    if case.dtype in ("float16", "bfloat16"):
+        base = torch.cat([eager_attention(inp.q[b : b + 1], inp.k[b : b + 1, :, :n], inp.v[b : b + 1, :, :n], inp.gate[b : b + 1], case.window) for b, n in enumerate(lens)])
+    assert_close("out", out, ref, case.dtype, baseline=base)

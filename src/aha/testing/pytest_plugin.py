@@ -4,8 +4,10 @@ Loaded automatically (entry point ``pytest11``) wherever aha is installed.
 Options:
     --aha-backend NAME   run the conformance suite for NAME (repeatable; default: every registered backend)
     --aha-max-len N      largest sequence length the strategies draw (default 257)
-Hypothesis profiles: ``dev`` (default, quick), ``ci`` (derandomized, no deadline,
-no database) and ``thorough``; pick one with ``--hypothesis-profile`` or HYPOTHESIS_PROFILE.
+Hypothesis profiles: ``dev`` (quick), ``ci`` (derandomized, no deadline, no database)
+and ``thorough``; pick one with ``--hypothesis-profile NAME`` or HYPOTHESIS_PROFILE=NAME.
+Nothing is loaded unless asked for, so other projects' Hypothesis settings are left alone;
+``python -m aha conformance`` and this repository's pytest configuration ask for ``dev``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ except ImportError:  # the fixture still works; profiles need hypothesis
 
 if settings is not None:
     _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    settings.register_profile("dev", max_examples=10, **_common)
+    settings.register_profile("dev", max_examples=10, **_common)  # a quick look while developing
     settings.register_profile("ci", max_examples=20, derandomize=True, database=None, print_blob=True, **_common)
     settings.register_profile("thorough", max_examples=300, **_common)
 
@@ -46,8 +48,9 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    if settings is not None and not config.getoption("hypothesis_profile", None):
-        settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+    wanted = os.environ.get("HYPOTHESIS_PROFILE")
+    if settings is not None and wanted and not config.getoption("hypothesis_profile", None):
+        settings.load_profile(wanted)
 
 
 def pytest_generate_tests(metafunc):

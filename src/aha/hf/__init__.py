@@ -1,0 +1,43 @@
+"""transformers integration (the ``hf`` extra): routed models and the converter.
+
+Importing this package registers the model types with the Auto classes, so a
+checkpoint in the released AHA-OLMo2 layout (model_type ``"faolmo"``) loads with
+``AutoModelForCausalLM.from_pretrained`` and no ``trust_remote_code``::
+
+    import aha.hf
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained("path/to/aha-olmo2")
+
+Registered: ``faolmo`` (OLMo-2), ``aha_llama``, ``aha_qwen2``.
+"""
+
+from __future__ import annotations
+
+try:
+    from transformers import AutoConfig, AutoModelForCausalLM
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(f"aha.hf needs transformers ({exc}); pip install 'aha-attention[hf]'") from exc
+
+from aha.hf.configuration_faolmo import AHALlamaConfig, AHAQwen2Config, FAOlmoConfig
+from aha.hf.convert import add_router, convert_checkpoint
+from aha.hf.modeling_aha import AHALlamaForCausalLM, AHAQwen2ForCausalLM
+from aha.hf.modeling_faolmo import FAOlmoForCausalLM
+
+__all__ = [
+    "FAOlmoConfig",
+    "FAOlmoForCausalLM",
+    "AHALlamaConfig",
+    "AHALlamaForCausalLM",
+    "AHAQwen2Config",
+    "AHAQwen2ForCausalLM",
+    "add_router",
+    "convert_checkpoint",
+]
+
+for _config, _model in (
+    (FAOlmoConfig, FAOlmoForCausalLM),
+    (AHALlamaConfig, AHALlamaForCausalLM),
+    (AHAQwen2Config, AHAQwen2ForCausalLM),
+):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModelForCausalLM.register(_config, _model, exist_ok=True)

@@ -1,0 +1,25 @@
+"""FAOlmo: OLMo-2 with All-or-Here attention, the released AHA-OLMo2 checkpoint format.
+
+The model is transformers' ``Olmo2ForCausalLM`` with every layer's attention
+replaced by `aha.hf._routing.HFAHAAttention`. Weight names are OLMo-2's;
+``model.layers.*.self_attn.q_proj.weight`` has ``Hq * D + Hq`` rows, the last Hq
+being the router (gate logits). The router reads the same input as q_proj, the
+layer's hidden state (OLMo-2 has no pre-attention norm), and q_norm covers the
+Hq * D query rows only. Gate = 1[sigmoid(logit) > 0.5], 1 = All.
+"""
+
+from __future__ import annotations
+
+from transformers import Olmo2ForCausalLM
+
+from aha.hf._routing import RoutedCausalLM
+from aha.hf.configuration_faolmo import FAOlmoConfig
+
+__all__ = ["FAOlmoForCausalLM"]
+
+
+class FAOlmoForCausalLM(RoutedCausalLM, Olmo2ForCausalLM):
+    """OLMo-2 causal LM with All-or-Here attention (model_type ``"faolmo"``)."""
+
+    config_class = FAOlmoConfig
+    routed_family = "olmo2"

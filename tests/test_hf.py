@@ -1,0 +1,285 @@
+"""aha.hf: the FAOlmo (AHA-OLMo2) format, the routed Llama/Qwen2 models and the converter.
+
+Tiny random configs only; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from safetensors.torch import save_file  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+import aha.hf  # noqa: E402
+from aha.hf import FAOlmoConfig, FAOlmoForCausalLM, add_router  # noqa: E402
+from aha.hf.convert import main as convert_main  # noqa: E402
+from aha.nn import rotary_embedding  # noqa: E402
+from aha.training import GateStats, RouterSparsity  # noqa: E402
+from aha_tiny import one_thread  # noqa: E402, F401
+
+TINY = dict(
+    vocab_size=100,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=None,
+)
+H, D = 4, 8
+
+
+def faolmo(window: int, seed: int = 0, **kw) -> FAOlmoForCausalLM:
+    """A tiny FAOlmo whose routers pick a mix of All and Here."""
+    torch.manual_seed(seed)
+    model = FAOlmoForCausalLM(FAOlmoConfig(local_window_size=window, **TINY, **kw)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight[-H:].normal_(0.0, 1.0)
+    return model
+
+
+def ids(batch=2, length=16, seed=0):
+    return torch.randint(3, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, x, **kw):
+    with torch.no_grad():
+        return model(x, **kw).logits
+
+
+def olmo2_weights(model: FAOlmoForCausalLM) -> dict:
+    """FAOlmo's state dict without the router rows: an Olmo2ForCausalLM state dict."""
+    state = dict(model.state_dict())
+    for i in range(len(model.model.layers)):
+        key = f"model.layers.{i}.self_attn.q_proj.weight"
+        state[key] = state[key][: H * D]
+    return state
+
+
+def test_faolmo_equals_olmo2_when_the_window_covers_the_sequence():
+    x = ids(length=16)
+    model = faolmo(window=16)
+    with GateStats(model) as stats:
+        got = logits(model, x)
+    assert 0.1 < stats.all_share() < 0.9  # a real mix of All and Here
+    olmo2 = Olmo2ForCausalLM(Olmo2Config(**TINY)).eval()
+    olmo2.load_state_dict(olmo2_weights(model), strict=True)
+    torch.testing.assert_close(got, logits(olmo2, x), atol=1e-5, rtol=1e-5)
+    short = faolmo(window=3)  # same weights, a window shorter than the sequence: Here differs
+    assert not torch.allclose(logits(short, x), got, atol=1e-3)
+
+
+def test_the_state_dict_is_olmo2s_plus_hq_gate_rows_in_q_proj():
+    model = faolmo(window=4)
+    mine, theirs = model.state_dict(), Olmo2ForCausalLM(Olmo2Config(**TINY)).state_dict()
+    assert mine.keys() == theirs.keys()
+    for key, value in mine.items():
+        rows = H if key.endswith("self_attn.q_proj.weight") else 0
+        assert value.shape[0] == theirs[key].shape[0] + rows, key
+    assert mine["model.layers.0.self_attn.q_norm.weight"].shape == (H * D,)  # q_norm: query rows only
+
+
+def test_a_checkpoint_in_the_released_layout_loads_with_the_auto_classes(tmp_path):
+    torch.manual_seed(3)
+    olmo2 = Olmo2ForCausalLM(Olmo2Config(**TINY))
+    state = {k: v.contiguous() for k, v in olmo2.state_dict().items()}
+    gates = {}
+    for i in range(TINY["num_hidden_layers"]):
+        key = f"model.layers.{i}.self_attn.q_proj.weight"
+        gates[key] = torch.randn(H, TINY["hidden_size"])
+        state[key] = torch.cat([state[key], gates[key]])
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = {**TINY, "model_type": "faolmo", "architectures": ["FAOlmoForCausalLM"], "local_window_size": 5}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert isinstance(model, FAOlmoForCausalLM)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert model.config.local_window_size == 5 and model.config.router_bias is False
+    for i, layer in enumerate(model.model.layers):
+        assert layer.self_attn.window == 5 and layer.self_attn.gate_bias is None
+        torch.testing.assert_close(layer.self_attn.router_weight(), gates[f"model.layers.{i}.self_attn.q_proj.weight"])
+
+
+@pytest.mark.parametrize("router_bias", [False, True])
+def test_save_pretrained_and_from_pretrained_round_trip(tmp_path, router_bias):
+    model = faolmo(window=4, router_bias=router_bias)
+    if router_bias:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.gate_bias.uniform_(-1, 1)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "faolmo" and saved["local_window_size"] == 4
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is FAOlmoForCausalLM and loaded.config.router_bias is router_bias
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    torch.testing.assert_close(logits(loaded, ids()), logits(model, ids()))
+
+
+def test_generate_with_the_cache_equals_generate_without_it():
+    model = faolmo(window=3)
+    prompt = ids(batch=2, length=6, seed=1)
+    with GateStats(model) as cached_stats:
+        cached = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=True)
+    uncached = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=False)
+    assert cached.shape == (2, 16)
+    assert torch.equal(cached, uncached)
+    # the cached decode routed every token as a full pass over the final sequence does
+    with torch.no_grad(), GateStats(model) as full_stats:
+        model(cached[:, :-1])
+    torch.testing.assert_close(cached_stats.per_position(), full_stats.per_position())
+    torch.testing.assert_close(cached_stats.per_head(), full_stats.per_head())
+
+
+def test_padding_is_refused_and_a_mask_of_ones_is_accepted():
+    model, x = faolmo(window=3), ids()
+    torch.testing.assert_close(logits(model, x, attention_mask=torch.ones_like(x)), logits(model, x))
+    padded = torch.ones_like(x)
+    padded[0, :3] = 0
+    with pytest.raises(ValueError, match="padding"):
+        model(x, attention_mask=padded)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(x, attention_mask=torch.ones(2, 1, 16, 16))
+
+
+def _base(family: str):
+    torch.manual_seed(5)
+    if family == "olmo2":
+        return Olmo2ForCausalLM(Olmo2Config(**TINY)).eval()
+    if family == "llama":
+        return LlamaForCausalLM(LlamaConfig(**TINY, attention_bias=True)).eval()
+    model = Qwen2ForCausalLM(Qwen2Config(**TINY)).eval()
+    with torch.no_grad():  # Qwen2 initialises its q/k/v biases to zero: make them matter
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("family", ["olmo2", "llama", "qwen2"])
+def test_a_converted_model_gives_the_original_logits_and_round_trips(tmp_path, family):
+    base, x = _base(family), ids(length=12)
+    routed = add_router(base, window=2)
+    assert routed.config.local_window_size == 2 and routed.config.router_bias
+    with GateStats(routed) as stats:
+        got = logits(routed, x)
+    assert stats.all_share() == 1.0  # every gate starts All
+    torch.testing.assert_close(got, logits(base, x), atol=1e-5, rtol=1e-5)
+    routed.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(routed)
+    torch.testing.assert_close(logits(loaded, x), got)
+    with torch.no_grad():  # and the router is live: negative bias, every gate Here, window 2 matters
+        for layer in routed.model.layers:
+            layer.self_attn.gate_bias.fill_(-1.0)
+    assert not torch.allclose(logits(routed, x), got, atol=1e-3)
+
+
+def test_the_converter_names_what_it_cannot_convert():
+    other = types.SimpleNamespace(config=types.SimpleNamespace(model_type="gpt2"))
+    with pytest.raises(ValueError, match="gpt2"):
+        add_router(other, window=4)
+    with pytest.raises(ValueError, match="init_logit"):
+        add_router(_base("llama"), window=4, init_logit=0.0)
+    sliding = Qwen2ForCausalLM(Qwen2Config(**TINY, use_sliding_window=True, sliding_window=4))
+    with pytest.raises(ValueError, match="sliding"):
+        add_router(sliding, window=4)
+    with pytest.raises(ValueError, match="local_window_size"):
+        FAOlmoConfig(local_window_size=0)
+
+
+def test_convert_command_writes_a_faolmo_checkpoint(tmp_path):
+    base = _base("olmo2")
+    base.save_pretrained(tmp_path / "src")
+    assert convert_main([str(tmp_path / "src"), str(tmp_path / "dst"), "--window", "4"]) == 0
+    config = json.loads((tmp_path / "dst" / "config.json").read_text())
+    assert config["model_type"] == "faolmo" and config["local_window_size"] == 4 and config["router_bias"]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dst").eval()
+    torch.testing.assert_close(logits(loaded, ids()), logits(base, ids()), atol=1e-5, rtol=1e-5)
+
+
+def _router_grads(model, x, sparsity):
+    model.zero_grad()
+    loss = model(x, labels=x).loss
+    (loss + sparsity()).backward()
+    return loss.item(), [layer.self_attn.gate_bias.grad.clone() for layer in model.model.layers]
+
+
+def test_fine_tuning_a_converted_model_lowers_the_loss_and_checkpointing_keeps_router_grads():
+    routed = add_router(_base("llama"), window=2).train()
+    sparsity = RouterSparsity(routed, lam=1.0)
+    x = ids(batch=4, length=16)
+    _, plain = _router_grads(routed, x, sparsity)
+    enable = getattr(routed, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers < 5
+        routed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss0, checkpointed = _router_grads(routed, x, sparsity)
+    assert all(g.abs().sum() > 0 for g in plain)
+    torch.testing.assert_close(checkpointed, plain)  # the recomputed pass replaced, did not add
+    opt, losses = torch.optim.AdamW(routed.parameters(), lr=1e-2), [loss0]
+    for _ in range(6):
+        opt.step()
+        losses.append(_router_grads(routed, x, sparsity)[0])
+    assert losses[-1] < losses[0]
+
+
+def test_router_sparsity_refuses_logits_without_gradient():
+    routed = add_router(_base("olmo2"), window=2).train()
+    sparsity = RouterSparsity(routed)
+    with torch.no_grad():
+        routed(ids())
+    with pytest.raises(RuntimeError, match="no gradient"):
+        sparsity()
+
+
+def test_rotary_embedding_matches_transformers():
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RotaryEmbedding
+
+    pos = torch.arange(20)[None]
+    cos, sin = Olmo2RotaryEmbedding(Olmo2Config(**TINY))(torch.zeros(1), pos)
+    mine = rotary_embedding(pos, D, 10000.0)
+    torch.testing.assert_close(mine[0], cos)
+    torch.testing.assert_close(mine[1], sin)
+
+
+def test_the_routed_types_are_registered():
+    from transformers import AutoConfig
+
+    for model_type in ("faolmo", "aha_llama", "aha_qwen2"):
+        assert AutoConfig.for_model(model_type).model_type == model_type
+    assert aha.hf.FAOlmoConfig().local_window_size >= 1
+
+
+def test_the_fine_tuning_example_runs_and_learns():
+    import math
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "finetune.py"
+    if not script.exists():
+        pytest.skip("examples/ is not part of this installation")
+    result = runpy.run_path(str(script))["main"](steps=20)
+    assert result["lm_loss"] < 0.8 * math.log(128)  # from ln(vocab) at the start
+    assert result["all_share"] < 1.0  # the routers left the all-All start
