@@ -237,9 +237,16 @@ def test_dkdv_ranges_cover_exactly_the_touched_blocks(window):
                         assert first <= kb * bn and min((kb + 1) * bn, nk) - 1 <= int(pos.min())
 
 
+def test_interpreted_kernels_serve_only_calls_that_name_them():
+    q, k, v, g, _ = _inputs(1, 2, 1, 8, 8, 16, torch.float32)
+    chosen = aha.select(q, k, v, g, window=3)
+    assert (chosen != "triton") if INTERPRET else (chosen == "triton")
+    assert aha.select(q, k, v, g, window=3, backend="triton") == "triton"
+
+
 def test_capabilities_and_availability(monkeypatch):
     row = next(r for r in aha.backends() if r.name == "triton")
-    assert row.status == "available" and row.backend.priority == 100
+    assert row.status == "available" and row.backend.priority == (-1 if INTERPRET else 100)
     caps = row.backend.capabilities
     assert caps.head_dims == (16, 256) and "bfloat16" in caps.dtypes and "cuda" in caps.devices
     assert ("cpu" in caps.devices) == INTERPRET

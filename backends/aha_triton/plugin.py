@@ -43,9 +43,15 @@ def register_backends(register):
                 devices=("cuda", "cpu") if _interpreting() else ("cuda",),
                 dtypes=("float32", "float16", "bfloat16"),
                 head_dims=(16, 256),
+                deterministic=False,  # dq by float32 atomics unless torch.use_deterministic_algorithms(True)
             ),
-            priority=100,
+            # Under the interpreter (tests) the kernels are far slower than the torch backend: serve
+            # only calls that name this backend, never backend=None.
+            priority=-1 if _interpreting() else 100,
             available=_available,
-            description="fused Triton kernels; routed tokens compacted into dense query blocks per kv group",
+            description=(
+                "fused Triton kernels for NVIDIA GPUs (on the CPU only under TRITON_INTERPRET=1); "
+                "routed tokens compacted into dense query blocks per kv group"
+            ),
         )
     )
