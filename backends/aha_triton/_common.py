@@ -71,6 +71,12 @@ def _finite(x):
 
 
 @triton.jit
+def _any_bad(x):
+    """Scalar: some entry of x is NaN or +-inf (x * 0 is NaN exactly there)."""
+    return tl.sum(tl.sum(x.to(tl.float32) * 0.0, 1), 0) != 0.0
+
+
+@triton.jit
 def _bad_columns(v):
     """[BLOCK_N, BLOCK_D] -> [BLOCK_N] int32: 1 where the key row holds a NaN or an inf."""
     return tl.max(tl.where(_finite(v), 0, 1), 1)

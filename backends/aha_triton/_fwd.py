@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from aha_triton._common import _bad_columns, _block_rows, _dense_block, _finite, _row_coords, _segment
+from aha_triton._common import _any_bad, _bad_columns, _block_rows, _dense_block, _finite, _row_coords, _segment
 
 
 @triton.jit
@@ -76,8 +76,9 @@ def _fwd_stage(state, q, kv, kb_lo, kb_hi, lo, pos, scale_log2, MASKED: tl.const
         if MASKED:
             seen = (j[None, :] >= lo[:, None]) & (j[None, :] <= pos[:, None])
             s = tl.where(seen, s, float("-inf"))
-            state = _flag_bad(state, seen, _bad_columns(v)[None, :] > 0)
-            v = tl.where(_finite(v), v, 0.0)
+            if _any_bad(v):  # rare: keep 0 * NaN out of the rows that do not read it
+                state = _flag_bad(state, seen, _bad_columns(v)[None, :] > 0)
+                v = tl.where(_finite(v), v, 0.0)
         state = _softmax_step(state, s, v, TILE[3])
     return state
 
@@ -90,10 +91,11 @@ def _fwd_stage_both(state_a, state_h, q, kv, kb_lo, kb_hi, pos, WINDOW, scale_lo
         s = tl.dot(q, tl.trans(k), input_precision=TILE[3]) * scale_log2  # (M, N)
         seen_a = j[None, :] <= pos[:, None]
         seen_h = seen_a & (j[None, :] > pos[:, None] - WINDOW)
-        col_bad = _bad_columns(v)[None, :] > 0
-        state_a = _flag_bad(state_a, seen_a, col_bad)
-        state_h = _flag_bad(state_h, seen_h, col_bad)
-        v = tl.where(_finite(v), v, 0.0)
+        if _any_bad(v):
+            col_bad = _bad_columns(v)[None, :] > 0
+            state_a = _flag_bad(state_a, seen_a, col_bad)
+            state_h = _flag_bad(state_h, seen_h, col_bad)
+            v = tl.where(_finite(v), v, 0.0)
         state_a = _softmax_step(state_a, tl.where(seen_a, s, float("-inf")), v, TILE[3])
         state_h = _softmax_step(state_h, tl.where(seen_h, s, float("-inf")), v, TILE[3])
     return state_a, state_h
