@@ -21,6 +21,7 @@ pytest.importorskip("triton", reason="the triton backend needs triton (pip insta
 
 import aha  # noqa: E402
 from aha import reference  # noqa: E402
+from aha.torch_ops import group_rows, route_order  # noqa: E402
 from aha.window import key_block_range, num_blocks, position_offset  # noqa: E402
 from aha_triton import _index, _launch, ops  # noqa: E402
 from aha_triton import plugin as triton_plugin  # noqa: E402
@@ -202,8 +203,8 @@ def test_poisoned_keys_outside_a_window_do_not_leak(gate_grad, bad, deterministi
 def test_route_order_is_a_stable_partition():
     gen = torch.Generator().manual_seed(0)
     is_all = torch.rand(2, 6, 23, generator=gen) < 0.3
-    order, n_all = _index.route_order(is_all, heads_kv=2)  # (4, 69), (4,)
-    rows = _index.group_rows(is_all, 2)  # (4, 69), row = i * 3 + hl
+    order, n_all = route_order(is_all, heads_kv=2)  # (4, 69), (4,)
+    rows = group_rows(is_all, 2)  # (4, 69), row = i * 3 + hl
     for bh in range(4):
         want = torch.cat([torch.nonzero(rows[bh]).flatten(), torch.nonzero(~rows[bh]).flatten()])
         assert torch.equal(order[bh].long(), want)
@@ -217,7 +218,7 @@ def test_dkdv_ranges_cover_exactly_the_touched_blocks(window):
     nq, nk, g, bm, bn = 37, 45, 2, 8, 8
     gen = torch.Generator().manual_seed(window)
     is_all = torch.rand(1, 2 * g, nq, generator=gen) < 0.4
-    order, n_all = _index.route_order(is_all, heads_kv=2)
+    order, n_all = route_order(is_all, heads_kv=2)
     ranges = _index.dkdv_ranges(order, n_all, nq, nk, g, window, bm, bn)
     for bh in range(order.shape[0]):
         segments = [(True, 0, int(n_all[bh])), (False, int(n_all[bh]), g * nq)]

@@ -3,7 +3,8 @@
 The kernels work per (batch, kv head) on the G = Hq // Hkv query heads that share
 it, whose G * Nq tokens form "rows" numbered ``row = i * G + hl`` (position-major,
 local head ``hl``). A routed call reorders the rows of each group by a stable
-partition: the All rows first, then the Here rows, each in position order::
+partition (aha.torch_ops.route_order): the All rows first, then the Here rows, each in
+position order::
 
     order[bh] = [All rows, ascending i] + [Here rows, ascending i]    (G * Nq)
     n_all[bh] = number of All rows
@@ -25,27 +26,6 @@ from aha.window import num_blocks, position_offset
 
 # Larger than any position: marks query blocks that do not exist.
 _FAR = 1 << 30
-
-
-def group_rows(x: torch.Tensor, heads_kv: int) -> torch.Tensor:
-    """[B, Hq, Nq] -> [B * Hkv, Nq * G]: the rows of each kv group, row = i * G + hl."""
-    b, hq, nq = x.shape
-    g = hq // heads_kv
-    return x.reshape(b, heads_kv, g, nq).transpose(2, 3).reshape(b * heads_kv, nq * g)
-
-
-def route_order(is_all: torch.Tensor, heads_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stable partition of each kv group's rows: All rows first, then Here rows.
-
-    is_all: [B, Hq, Nq] bool -> order [B * Hkv, G * Nq] int32 (row ids), n_all [B * Hkv] int32.
-    """
-    x = group_rows(is_all, heads_kv)  # (BH, R)
-    rows = torch.arange(x.shape[1], device=x.device)
-    c = torch.cumsum(x, dim=1)  # All rows up to and including each row
-    n_all = c[:, -1:]
-    dest = torch.where(x, c - 1, n_all + rows - c)  # (BH, R): slot of each row in the new order
-    order = torch.empty_like(dest).scatter_(1, dest, rows.expand_as(dest))
-    return order.to(torch.int32).contiguous(), n_all.squeeze(1).to(torch.int32).contiguous()
 
 
 def _segment_positions(order, n_all, seg_lo, seg_hi, nq, nk, g, block_m):

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from aha.torch_ops import route_order
 from aha.window import num_blocks
 from aha_triton._bwd import _aha_bwd_dkdv, _aha_bwd_dq, _aha_bwd_preprocess
 from aha_triton._common import LOG2E
 from aha_triton._fwd import _aha_fwd
-from aha_triton._index import dkdv_ranges, route_order
+from aha_triton._index import dkdv_ranges
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ __all__ = [
     "window_key_positions",
     "tokens_where",
     "pad_token_rows",
+    "group_rows",
+    "route_order",
 ]
 
 
@@ -118,3 +120,27 @@ def pad_token_rows(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     idx = order[..., :n_max]  # (B, H, n_max)
     valid = torch.arange(n_max, device=selected.device) < count[..., None]
     return torch.where(valid, idx, torch.zeros_like(idx)), valid
+
+
+def group_rows(x: torch.Tensor, heads_kv: int) -> torch.Tensor:
+    """[B, Hq, Nq] -> [B * Hkv, Nq * G]: the tokens of the G = Hq / Hkv query heads sharing a kv head,
+    position-major: row = i * G + hl (hl = local query head)."""
+    b, hq, nq = x.shape
+    g = hq // heads_kv
+    return x.reshape(b, heads_kv, g, nq).transpose(2, 3).reshape(b * heads_kv, nq * g)
+
+
+def route_order(is_all: torch.Tensor, heads_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable partition of each kv group's rows: All rows first, then Here rows, each in row order.
+
+    Query blocks cut from ``order`` hold one branch only, with positions close together.
+
+    is_all: [B, Hq, Nq] bool -> order [B * Hkv, G * Nq] int32 (row ids), n_all [B * Hkv] int32.
+    """
+    x = group_rows(is_all, heads_kv)  # (BH, R)
+    rows = torch.arange(x.shape[1], device=x.device)
+    c = torch.cumsum(x, dim=1)  # All rows up to and including each row
+    n_all = c[:, -1:]
+    dest = torch.where(x, c - 1, n_all + rows - c)  # (BH, R): slot of each row in the new order
+    order = torch.empty_like(dest).scatter_(1, dest, rows.expand_as(dest))
+    return order.to(torch.int32).contiguous(), n_all.squeeze(1).to(torch.int32).contiguous()
