@@ -45,7 +45,7 @@ def _aha_bwd_preprocess(DOUT, OUT, BRANCHES, GATE, DELTA, DGATE, TOKENS,
     do = tl.load(DOUT + ptr, mask=mask, other=0.0).to(tl.float32)
     if BOTH:
         o_a = tl.load(BRANCHES + ptr, mask=mask, other=0.0).to(tl.float32)
-        o_h = tl.load(BRANCHES + TOKENS * HEAD_DIM + ptr, mask=mask, other=0.0).to(tl.float32)
+        o_h = tl.load(BRANCHES + (r + TOKENS)[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0).to(tl.float32)
         g = tl.load(GATE + r, mask=rmask, other=0.0)
         tl.store(DGATE + r, tl.sum(do * (o_a - o_h), 1), mask=rmask)
         tl.store(DELTA + r, tl.where(g > 0, g * tl.sum(do * o_a, 1), 0.0), mask=rmask)

@@ -138,9 +138,5 @@ def route_order(is_all: torch.Tensor, heads_kv: int) -> tuple[torch.Tensor, torc
     is_all: [B, Hq, Nq] bool -> order [B * Hkv, G * Nq] int32 (row ids), n_all [B * Hkv] int32.
     """
     x = group_rows(is_all, heads_kv)  # (BH, R)
-    rows = torch.arange(x.shape[1], device=x.device)
-    c = torch.cumsum(x, dim=1)  # All rows up to and including each row
-    n_all = c[:, -1:]
-    dest = torch.where(x, c - 1, n_all + rows - c)  # (BH, R): slot of each row in the new order
-    order = torch.empty_like(dest).scatter_(1, dest, rows.expand_as(dest))
-    return order.to(torch.int32).contiguous(), n_all.squeeze(1).to(torch.int32).contiguous()
+    order = torch.argsort((~x).to(torch.int8), dim=1, stable=True)  # All (key 0) first, row order kept
+    return order.to(torch.int32).contiguous(), x.sum(1).to(torch.int32).contiguous()
