@@ -98,6 +98,24 @@ def test_gradients_match_reference(dtype, gate_grad):
         _close(name, got, r, dtype, kind=1)
 
 
+@pytest.mark.parametrize("d", [128, 256])
+@pytest.mark.parametrize("gate_grad", [False, True], ids=["routed", "gate-grad"])
+def test_gpu_tile_sizes(d, gate_grad):
+    """The tile sizes used on GPUs (gpu_tiles), over enough tokens for several blocks of each kernel."""
+    q, k, v, g, dout = _inputs(1, 4, 2, 150, 170, d, torch.float32, seed=d)
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    g.requires_grad_(gate_grad)
+    gpu = {kernel: _launch.gpu_tiles(kernel, d) for kernel in ("fwd", "dkdv", "dq")}
+    with tiles(**gpu):
+        out = ops.attention(q, k, v, g, window=40, deterministic=True)
+        grads = torch.autograd.grad(out, [q, k, v] + ([g] if gate_grad else []), dout)
+    args = (_np(q), _np(k), _np(v), _np(g), 40)
+    _close("out", out, reference.attention(*args), torch.float32)
+    for name, got, r in zip(("dq", "dk", "dv", "dgate"), grads, reference.attention_vjp(*args, _np(dout))):
+        _close(name, got, r, torch.float32, kind=1)
+
+
 @pytest.mark.parametrize("gate", ["soft", "bool", "all", "here"])
 def test_gradients_other_gates(gate):
     """Soft gate without grad (recomputed backward), bool gate, and one-branch gates."""
