@@ -221,3 +221,15 @@ def test_progress_fallback_without_tqdm(monkeypatch):
     bar.close()
     text = stream.getvalue()
     assert "pretrain" in text and "100% (3/3)" in text and "loss 1.500" in text
+
+
+def test_config_checks_its_sweeps():
+    from dataclasses import replace
+
+    from aha.experiments.pipeline import QUICK, Sweep
+
+    with pytest.raises(ValueError, match="kind"):
+        replace(QUICK, sweeps=(Sweep("bigger", 1.0, (8,)),))
+    with pytest.raises(ValueError, match="windows"):
+        replace(QUICK, sweeps=(Sweep("paper", 3e-4, (QUICK.model.context,)),))
+    assert QUICK.windows == sorted({w for s in QUICK.sweeps for w in s.windows})

@@ -44,6 +44,7 @@ def main(argv=None) -> int:
             parser.error(f"--threads must be >= 1, got {args.threads}")
         cfg = replace(cfg, threads=args.threads)
     command = "python -m aha.experiments reproduce" + (" --quick" if args.quick else "")
+    command += f" --threads {args.threads}" if args.threads is not None else ""
     result = reproduce(cfg, args.out, progress=not args.no_progress, command=command)
     print(f"wrote {args.out / RESULTS_JSON}, the plots and {args.out.with_suffix('.md')} "
           f"in {result['meta']['seconds'] / 60:.1f} min")

@@ -135,6 +135,29 @@ def _rounded(x):
     return x
 
 
+def _meta(cfg: ExperimentConfig, corpus, data: dict, command: str) -> dict:
+    """What ran, where, on what: everything the page states besides the measurements."""
+    probe = data["passkey"]
+    return {
+        "command": command,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "backend": _backend_name(cfg.model),
+        "corpus": corpus.describe(),
+        "config": {**cfg.to_dict(), "windows": cfg.windows},
+        "eval_bytes": int(data["eval"].shape[0] * cfg.model.context),
+        "passkey": {
+            "plant_at": probe.plant_at,
+            "digits": probe.digits,
+            "plant_line_bytes": len(PLANT) + probe.digits + 1,
+            "query_positions": probe.query_positions.tolist(),
+        },
+    }
+
+
 def reproduce(cfg: ExperimentConfig, out: Path, *, progress: bool = True, command: str = "") -> dict:
     """Run everything; write out/results.json after every stage, then the plots and out.md."""
     from aha.experiments.report import write_report
@@ -150,28 +173,7 @@ def reproduce(cfg: ExperimentConfig, out: Path, *, progress: bool = True, comman
         "eval": heldout_windows(corpus.heldout, cfg.eval_sequences, ctx + 1),
         "passkey": build_passkey(corpus.heldout, cfg.passkey_sequences, ctx),
     }
-    result = {
-        "schema": 1,
-        "meta": {
-            "command": command,
-            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "machine": platform.machine(),
-            "threads": torch.get_num_threads(),
-            "backend": _backend_name(cfg.model),
-            "corpus": corpus.describe(),
-            "config": {**cfg.to_dict(), "windows": cfg.windows},
-            "eval_bytes": int(data["eval"].shape[0] * (ctx)),
-            "passkey": {
-                "plant_at": data["passkey"].plant_at,
-                "digits": data["passkey"].digits,
-                "plant_line_bytes": len(PLANT) + data["passkey"].digits + 1,
-                "query_positions": data["passkey"].query_positions.tolist(),
-            },
-        },
-        "runs": [],
-    }
+    result = {"schema": 1, "meta": _meta(cfg, corpus, data, command), "runs": []}
 
     def save():
         result["meta"]["seconds"] = time.perf_counter() - started
