@@ -15,8 +15,12 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     rep = sub.add_parser("reproduce", help="train, fine-tune, evaluate and write the results (about 40 min on 2 cores)")
     rep.add_argument("--quick", action="store_true", help="a tiny configuration that runs in well under a minute")
-    rep.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON and plots go here, the page to OUT.md "
-                     f"(default {DEFAULT_OUT})")
+    rep.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"JSON and plots go here, the page to OUT.md (default {DEFAULT_OUT})",
+    )
     rep.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
     rep.add_argument("--no-progress", action="store_true", help="no progress bar")
     show = sub.add_parser("report", help="redraw the plots and the page from OUT/results.json")
@@ -46,8 +50,10 @@ def main(argv=None) -> int:
     command = "python -m aha.experiments reproduce" + (" --quick" if args.quick else "")
     command += f" --threads {args.threads}" if args.threads is not None else ""
     result = reproduce(cfg, args.out, progress=not args.no_progress, command=command)
-    print(f"wrote {args.out / RESULTS_JSON}, the plots and {args.out.with_suffix('.md')} "
-          f"in {result['meta']['seconds'] / 60:.1f} min")
+    print(
+        f"wrote {args.out / RESULTS_JSON}, the plots and {args.out.with_suffix('.md')} "
+        f"in {result['meta']['seconds'] / 60:.1f} min"
+    )
     return 0
 
 

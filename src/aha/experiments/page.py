@@ -123,8 +123,10 @@ def _passkey(result: dict) -> list[str]:
         models += [(f"AHA w {r['window']}, {_label(result, kind)}", r) for r in runs]
     for name, m in models:
         p = m["passkey"]
-        shares = [fmt(_mean(p[k])) if k in p else "–" for k in
-                  ("query_all_share", "query_all_share_control", "elsewhere_all_share")]
+        shares = [
+            fmt(_mean(p[k])) if k in p else "–"
+            for k in ("query_all_share", "query_all_share_control", "elsewhere_all_share")
+        ]
         rows.append(
             f"| {name} | {fmt(p['planted']['digit_accuracy'], 2)} | {fmt(p['control']['digit_accuracy'], 2)} | "
             f"{fmt(p['planted']['key_accuracy'], 2)} | {fmt(p['planted']['p_digit'])} | {' | '.join(shares)} |"
@@ -148,8 +150,13 @@ def _comparison(result: dict) -> list[str]:
     """Sentences computed from the numbers: what matches the paper and what does not."""
     base = result["full_continued"]["heldout_loss"]
     sweeps = dict(_sweeps(result))
-    rows = ["## Compared with the paper", "", f"The paper: {PAPER['text']}; the need for All decays fast as the "
-            "window grows (a long tail of context dependency); a few heads stay mostly All.", ""]
+    rows = [
+        "## Compared with the paper",
+        "",
+        f"The paper: {PAPER['text']}; the need for All decays fast as the "
+        "window grows (a long tail of context dependency); a few heads stay mostly All.",
+        "",
+    ]
     for kind in ("paper", "extra"):
         runs = sweeps.get(kind)
         if not runs:
@@ -167,7 +174,8 @@ def _comparison(result: dict) -> list[str]:
             + f"; it {_trend(shares)}. Δ loss by window: "
             + ", ".join(f"{r['window']}: {r['heldout_loss'] - base:+.4f}" for r in runs)
             + "; with every gate forced Here the same models have Δ "
-            + ", ".join(f"{r['window']}: {r['here_only_loss'] - base:+.4f}" for r in runs) + "."
+            + ", ".join(f"{r['window']}: {r['here_only_loss'] - base:+.4f}" for r in runs)
+            + "."
         )
     if "none" in sweeps and "paper" in sweeps:
         paper = {r["window"]: r for r in sweeps["paper"]}
@@ -198,9 +206,12 @@ def _comparison(result: dict) -> list[str]:
     full_pk = result["full_continued"]["passkey"]["planted"]["digit_accuracy"]
     rows.append(
         f"* **Passkey.** The full-attention control puts {full_pk:.2f} of the digits first (chance 0.10); "
-        + ("so at this scale the model does retrieve, and the probe can show where All is needed."
-           if full_pk > 0.3 else "so the model barely retrieves the key, and the probe says little about where "
-           "All is needed for retrieval.")
+        + (
+            "so at this scale the model does retrieve, and the probe can show where All is needed."
+            if full_pk > 0.3
+            else "so the model barely retrieves the key, and the probe says little about where "
+            "All is needed for retrieval."
+        )
     )
     return rows + [""]
 

@@ -218,5 +218,3 @@ def reproduce(cfg: ExperimentConfig, out: Path, *, progress: bool = True, comman
     saved = json.loads((out / RESULTS_JSON).read_text())
     write_report(saved, out)  # from the JSON alone, as `python -m aha.experiments report` would
     return saved
-
-

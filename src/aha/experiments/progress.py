@@ -48,8 +48,11 @@ class Progress:
             eta = (now - self.start) / max(1, self.done) * (self.total - self.done)
             tail = "" if loss is None else f" loss {loss:.3f}"
             pct = 100 * self.done / max(1, self.total)
-            print(f"[{self._elapsed()}] {self.name}: {pct:3.0f}% ({self.done}/{self.total}), eta {eta / 60:.1f} min{tail}",
-                  file=self.stream, flush=True)
+            print(
+                f"[{self._elapsed()}] {self.name}: {pct:3.0f}% ({self.done}/{self.total}), eta {eta / 60:.1f} min{tail}",
+                file=self.stream,
+                flush=True,
+            )
 
     def _elapsed(self) -> str:
         s = int(time.perf_counter() - self.start)

@@ -61,21 +61,48 @@ def plot_curve(result: dict, path: Path) -> None:
         style, color = _STYLE[kind]
         w = [r["window"] for r in runs]
         label = _label(result, kind)
-        ax.plot(w, [r["gates"]["all_share_beyond_window"] for r in runs], style, color=color,
-                label=f"{label}, positions ≥ window")
-        ax.plot(w, [r["gates"]["all_share"] for r in runs], style, color=color, alpha=0.35, label=f"{label}, every token")
+        ax.plot(
+            w,
+            [r["gates"]["all_share_beyond_window"] for r in runs],
+            style,
+            color=color,
+            label=f"{label}, positions ≥ window",
+        )
+        ax.plot(
+            w, [r["gates"]["all_share"] for r in runs], style, color=color, alpha=0.35, label=f"{label}, every token"
+        )
         bx.plot(w, [r["heldout_loss"] - base for r in runs], style, color=color, label=f"AHA, {label}")
-        bx.plot(w, [r["here_only_loss"] - base for r in runs], style, color=color, alpha=0.35,
-                label="the same model, every gate forced Here")
+        bx.plot(
+            w,
+            [r["here_only_loss"] - base for r in runs],
+            style,
+            color=color,
+            alpha=0.35,
+            label="the same model, every gate forced Here",
+        )
     ws = result["meta"]["config"]["windows"]
-    bx.plot(ws, [result["full"]["here_only_loss"][str(w)] - base for w in ws], "x:", color="grey",
-            label="pretrained, sliding window only")
+    bx.plot(
+        ws,
+        [result["full"]["here_only_loss"][str(w)] - base for w in ws],
+        "x:",
+        color="grey",
+        label="pretrained, sliding window only",
+    )
     ax.plot([PAPER["window"]], [1 - PAPER["here_share"]], "k*", ms=12, label="paper (OLMo-2), window 256")
-    ax.set(xscale="log", xlabel="window (keys a Here token reads)", ylabel="share of All",
-           ylim=(-0.02, 1.02), title="How much All the router keeps")
+    ax.set(
+        xscale="log",
+        xlabel="window (keys a Here token reads)",
+        ylabel="share of All",
+        ylim=(-0.02, 1.02),
+        title="How much All the router keeps",
+    )
     bx.axhline(0, color="k", lw=0.8)
-    bx.set(xscale="log", xlabel="window", ylabel="held-out loss − full-attention control (nats/byte)",
-           title="What it costs")
+    bx.set(
+        xscale="log",
+        xlabel="window",
+        ylabel="held-out loss − full-attention control (nats/byte)",
+        title="What it costs",
+    )
     for a in (ax, bx):
         a.set_xticks(ws, [str(w) for w in ws])
         a.minorticks_off()
@@ -117,21 +144,50 @@ def plot_passkey(result: dict, path: Path) -> None:
     pk = result["meta"]["passkey"]
     for kind, runs in _sweeps(result):
         for r in runs:
-            ax.plot(r["passkey"]["per_position"], lw=0.9, ls=_STYLE[kind][0][1:],
-                    label=f"w {r['window']}, {_label(result, kind)}")
-    ax.axvspan(min(pk["plant_at"]), max(pk["plant_at"]) + pk["plant_line_bytes"], color="orange", alpha=0.25,
-               label="where the passkey lines are planted")
-    ax.axvspan(min(pk["query_positions"]) - 0.5, max(pk["query_positions"]) + 0.5, color="red", alpha=0.3,
-               label="query positions")
-    ax.set(xlabel="position", ylabel="share of All (layers, heads, sequences)", ylim=(-0.02, 1.02),
-           title="Passkey sequences: where the router goes All", xlim=(0, result["meta"]["config"]["model"]["context"]))
+            ax.plot(
+                r["passkey"]["per_position"],
+                lw=0.9,
+                ls=_STYLE[kind][0][1:],
+                label=f"w {r['window']}, {_label(result, kind)}",
+            )
+    ax.axvspan(
+        min(pk["plant_at"]),
+        max(pk["plant_at"]) + pk["plant_line_bytes"],
+        color="orange",
+        alpha=0.25,
+        label="where the passkey lines are planted",
+    )
+    ax.axvspan(
+        min(pk["query_positions"]) - 0.5,
+        max(pk["query_positions"]) + 0.5,
+        color="red",
+        alpha=0.3,
+        label="query positions",
+    )
+    ax.set(
+        xlabel="position",
+        ylabel="share of All (layers, heads, sequences)",
+        ylim=(-0.02, 1.02),
+        title="Passkey sequences: where the router goes All",
+        xlim=(0, result["meta"]["config"]["model"]["context"]),
+    )
     ax.legend(fontsize=6, ncol=2)
     models = [("full", result["full"]), ("full+ft", result["full_continued"])]
     marks = {"paper": "", "extra": "*", "none": "°"}
     models += [(f"w{r['window']}{marks[kind]}", r) for kind, runs in _sweeps(result) for r in runs]
     x = range(len(models))
-    bx.bar([i - 0.2 for i in x], [m["passkey"]["planted"]["digit_accuracy"] for _, m in models], 0.4, label="passkey planted")
-    bx.bar([i + 0.2 for i in x], [m["passkey"]["control"]["digit_accuracy"] for _, m in models], 0.4, label="control (none planted)")
+    bx.bar(
+        [i - 0.2 for i in x],
+        [m["passkey"]["planted"]["digit_accuracy"] for _, m in models],
+        0.4,
+        label="passkey planted",
+    )
+    bx.bar(
+        [i + 0.2 for i in x],
+        [m["passkey"]["control"]["digit_accuracy"] for _, m in models],
+        0.4,
+        label="control (none planted)",
+    )
     bx.axhline(0.1, color="k", ls=":", label="chance (1 in 10 digits)")
     bx.set_xticks(list(x), [name for name, _ in models], rotation=60, fontsize=7)
     bx.set(ylabel="digit accuracy", ylim=(0, 1), title="Retrieval (* larger λ, ° λ = 0)")
@@ -155,7 +211,12 @@ def plot_training(result: dict, path: Path) -> None:
             bx.plot(s, loss, lw=0.8, ls=_STYLE[kind][0][1:], label=label)
             cx.plot(s, share, lw=0.8, ls=_STYLE[kind][0][1:], label=label)
     bx.set(xlabel="fine-tune step", ylabel="train loss", title="Fine-tuning")
-    cx.set(xlabel="fine-tune step", ylabel="share of All in the batch", ylim=(-0.02, 1.02), title="Router during fine-tuning")
+    cx.set(
+        xlabel="fine-tune step",
+        ylabel="share of All in the batch",
+        ylim=(-0.02, 1.02),
+        title="Router during fine-tuning",
+    )
     bx.legend(fontsize=6)
     fig.savefig(path, dpi=110)
 
@@ -163,7 +224,12 @@ def plot_training(result: dict, path: Path) -> None:
 def write_report(result: dict, out: Path) -> Path:
     """Every plot in ``out`` and the page ``out.md``; returns the page's path."""
     out = Path(out)
-    for key, fn in (("curve", plot_curve), ("heads", plot_heads), ("passkey", plot_passkey), ("training", plot_training)):
+    for key, fn in (
+        ("curve", plot_curve),
+        ("heads", plot_heads),
+        ("passkey", plot_passkey),
+        ("training", plot_training),
+    ):
         fn(result, out / PLOTS[key])
     page = out.with_suffix(".md")
     from aha.experiments.page import render

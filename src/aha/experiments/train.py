@@ -54,14 +54,18 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay, "scale": 1.0},
         {"params": rest, "weight_decay": 0.0, "scale": 1.0},
-        {"params": [p for p in model.parameters() if id(p) in routers], "weight_decay": 0.0,
-         "scale": cfg.router_lr_scale},
+        {
+            "params": [p for p in model.parameters() if id(p) in routers],
+            "weight_decay": 0.0,
+            "scale": cfg.router_lr_scale,
+        },
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
-def train(model: nn.Module, data: torch.Tensor, cfg: TrainConfig, *, lam: float | None = None, tick=None,
-          log_every: int = 10) -> dict:
+def train(
+    model: nn.Module, data: torch.Tensor, cfg: TrainConfig, *, lam: float | None = None, tick=None, log_every: int = 10
+) -> dict:
     """Train ``model`` on random windows of ``data``: LM loss, plus ``lam * mean(sigmoid(logits))`` if lam is set.
 
     ``tick(loss)`` is called after every step (progress). Returns the curve
