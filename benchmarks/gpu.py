@@ -3,6 +3,7 @@
     python benchmarks/gpu.py --out gpu-results.json            # everything (tens of minutes on an H200)
     python benchmarks/gpu.py --out quick.json --quick          # N = 4k and 32k only
     python benchmarks/gpu.py --out bench.json --skip-tests     # benchmark only
+    python benchmarks/gpu.py --render gpu-results.json         # Markdown for docs/benchmarks.md
 
 Installs nothing: run it in an environment with aha-attention[triton,testing] installed, on a machine
 with an NVIDIA GPU. Steps:
@@ -229,6 +230,30 @@ def _print_table(dense: dict, points: list[dict]) -> None:
               f"{p['flex_fwd_bwd_speedup_vs_dense']:>7.2f} | {d['fwd_tflops']:.0f}, {d['fwd_bwd_tflops']:.0f}")
 
 
+def render(result: dict) -> str:
+    """Markdown for docs/benchmarks.md from a result file: date, GPU, tests, figures, goals."""
+    env = result["environment"]
+    out = [f"Measured on **{env['gpu']}** on {env['date'][:10]} (torch {env['torch']}, triton {env['triton']}, "
+           f"CUDA {env['cuda']}) with `{env['command']}`.", ""]
+    for t in result.get("tests", []):
+        out.append(f"- `{t['name']}` on CUDA: {t['summary'] or 'rc=' + str(t['returncode'])}")
+    dense = {d["N"]: d for d in result.get("dense", [])}
+    if result.get("points"):
+        out += ["", "| N | All | AHA fwd ms | TFLOP/s | × dense | Flex × dense | AHA fwd+bwd ms | TFLOP/s | × dense "
+                "| Flex × dense | dense TFLOP/s fwd, f+b |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for p in result["points"]:
+            d = dense[p["N"]]
+            out.append(f"| {p['N']} | {p['all_share']:.0%} | {p['aha_fwd_ms']:.3f} | {p['aha_fwd_tflops']:.0f} | "
+                       f"{p['aha_fwd_speedup_vs_dense']:.2f} | {p['flex_fwd_speedup_vs_dense']:.2f} | "
+                       f"{p['aha_fwd_bwd_ms']:.3f} | {p['aha_fwd_bwd_tflops']:.0f} | "
+                       f"{p['aha_fwd_bwd_speedup_vs_dense']:.2f} | {p['flex_fwd_bwd_speedup_vs_dense']:.2f} | "
+                       f"{d['fwd_tflops']:.0f}, {d['fwd_bwd_tflops']:.0f} |")
+    for name, goal in result.get("goals", {}).items():
+        figures = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in goal.items() if k != "met")
+        out.append(f"- goal `{name}`: {'met' if goal['met'] else '**not met**'} ({figures})")
+    return "\n".join(out)
+
+
 def environment() -> dict:
     import torch
     import triton
@@ -241,12 +266,18 @@ def environment() -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="CUDA tests and benchmark of the triton backend; figures to JSON")
-    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--out", help="JSON file to write (required unless --render)")
+    parser.add_argument("--render", metavar="JSON", help="print the Markdown of a result file for the docs, and exit")
     parser.add_argument("--quick", action="store_true", help="N = 4k and 32k only, no tile sweep")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--lengths", type=int, nargs="*", help=f"sequence lengths (default {LENGTHS})")
     args = parser.parse_args(argv)
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())))
+        return 0
+    if not args.out:
+        parser.error("--out is required")
 
     os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: real kernels
     import torch
