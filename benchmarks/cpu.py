@@ -351,6 +351,7 @@ def _cpu_model() -> str:
 
 def plot(results: dict, img: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -368,10 +369,20 @@ def plot(results: dict, img: Path) -> None:
     ax.set(
         xscale="log",
         yscale="log",
-        xlabel="N (tokens)",
+        xlabel="N (tokens; dense time / cpu time above each cpu point)",
         ylabel="seconds",
         title="Time against N (B=1, H=8, D=64, window 256)",
     )
+    for r in rows:  # the speed-up over dense, above each cpu point
+        ax.annotate(
+            f"{r['median_s']['dense'] / r['median_s']['cpu']:.1f}x",
+            (r["N"], r["median_s"]["cpu"]),
+            textcoords="offset points",
+            xytext=(0, 7),
+            ha="center",
+            fontsize=8,
+        )
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xticks(ns, [f"{n // 1024}k" for n in ns])
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
@@ -380,11 +391,25 @@ def plot(results: dict, img: Path) -> None:
     plt.close(fig)
 
     rows = results["scaling_share"]
-    shares = [100 * r["share"] for r in rows]
+    at = range(len(rows))  # evenly spaced: the shares run from 0 to 100% unevenly
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(shares, [r["median_s"]["cpu"] for r in rows], marker="o", label="cpu backend")
-    ax.plot(shares, [r["median_s"]["dense"] for r in rows], marker="s", label="dense SDPA (causal)")
-    ax.set(xlabel="share of All tokens (%)", ylabel="seconds", title=f"Time against the All share (N={rows[0]['N']})")
+    ax.plot(at, [r["median_s"]["cpu"] for r in rows], marker="o", label="cpu backend")
+    ax.plot(at, [r["median_s"]["dense"] for r in rows], marker="s", label="dense SDPA (causal)")
+    for x, r in zip(at, rows, strict=True):
+        ax.annotate(
+            f"{r['cpu_over_dense']:.2f}x",
+            (x, r["median_s"]["cpu"]),
+            textcoords="offset points",
+            xytext=(0, 7),
+            ha="center",
+            fontsize=8,
+        )
+    ax.set_xticks(list(at), [f"{100 * r['share']:g}%" for r in rows])
+    ax.set(
+        xlabel="share of All tokens (cpu time / dense time above each point)",
+        ylabel="seconds",
+        title=f"Time against the All share (N={rows[0]['N']})",
+    )
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -599,14 +624,18 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, to check that the benchmark runs")
     ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/cpu.json, or cpu-quick.json)")
-    ap.add_argument("--docs", action="store_true", help="only render docs/benchmarks-cpu.md from the JSON")
+    ap.add_argument(
+        "--docs", action="store_true", help="only render the plots and docs/benchmarks-cpu.md from the JSON"
+    )
     ap.add_argument(
         "--only", nargs="*", help="sections to run (inference one_thread training scaling_n scaling_share memory)"
     )
     args = ap.parse_args(argv)
     out = args.out or RESULTS / ("cpu-quick.json" if args.quick else "cpu.json")
     if args.docs:
-        DOC.write_text(render_docs(json.loads(out.read_text())))
+        results = json.loads(out.read_text())
+        plot(results, IMG)
+        DOC.write_text(render_docs(results))
         return
     cfg = QUICK if args.quick else FULL
     sections = {

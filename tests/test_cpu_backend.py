@@ -304,3 +304,34 @@ def test_deterministic_and_independent_of_the_thread_count():
         torch.set_num_threads(threads)
     for a, b in zip(first, alone, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_all_tokens_of_a_unit_split_into_several_jobs(monkeypatch):
+    """With more workers than units, a unit's All rows are cut into runs; forward and grads stay exact."""
+    monkeypatch.setattr(causal, "workers", lambda: 16)
+    q, k, v, g = _inputs(1, 2, 1, 400, 400, 8, "hard", seed=14)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = aha.attention(*leaves, g, window=9, backend="cpu")
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(15))
+    out.backward(dout)
+    np.testing.assert_allclose(_np(out), reference.attention(_np(q), _np(k), _np(v), _np(g), 9), atol=2e-6, rtol=1e-5)
+    want = reference.attention_vjp(_np(q), _np(k), _np(v), _np(g), 9, _np(dout))
+    for a, w in zip(leaves, want[:3], strict=True):
+        np.testing.assert_allclose(_np(a.grad), w, atol=5e-6, rtol=1e-4)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_the_worker_pool_survives_fork():
+    """A forked child (a DataLoader worker, say) gets its own pool instead of waiting on the parent's."""
+    import multiprocessing
+
+    q, k, v, g = _inputs(1, 2, 1, 300, 300, 8, "bool", seed=16)
+    want = aha.attention(q, k, v, g, window=16, backend="cpu")  # the parent's pool now exists
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_attend_cpu, (q, k, v, g)).get(timeout=120)
+    assert torch.equal(got, want)
+
+
+def _attend_cpu(q, k, v, g):
+    return aha.attention(q, k, v, g, window=16, backend="cpu")

@@ -139,18 +139,20 @@ def dense_backward(dout, q, k, v, out, lse, scale):
 
 
 def _jobs(pos: torch.Tensor, valid: torch.Tensor) -> list[tuple[int, int, int, int, int]]:
-    """(b, u, r0, r1, cost): runs of whole tiles of each unit's real rows, about 4 per worker in all."""
+    """(b, u, r0, r1, cost): each unit's real rows, cut at tile boundaries into runs of about equal
+    cost (keys read) when there are fewer units than 4 per worker."""
     counts = valid.sum(-1).tolist()  # (B, Hkv)
     units = [(b, u, n) for b, row in enumerate(counts) for u, n in enumerate(row) if n]
-    per_unit = max(1, -(-4 * workers() // max(1, len(units))))
+    runs = max(1, -(-4 * workers() // max(1, len(units))))  # per unit
     jobs = []
     for b, u, n in units:
-        cost = (pos[b, u, :n] + 1).cumsum(0).tolist()  # keys read by rows [0, r]
-        tiles = -(-n // TILE)
-        cuts = [0] + [min(n, TILE * round(tiles * j / per_unit)) for j in range(1, per_unit)] + [n]
-        for r0, r1 in zip(cuts, cuts[1:]):
-            if r1 > r0:
-                jobs.append((b, u, r0, r1, cost[r1 - 1] - (cost[r0 - 1] if r0 else 0)))
+        cost = [0] + (pos[b, u, :n] + 1).cumsum(0).tolist()  # keys read by rows [0, r)
+        cuts = [0]
+        for r in range(TILE, n, TILE):
+            if cost[r] >= cost[n] * len(cuts) / runs:
+                cuts.append(r)
+        cuts.append(n)
+        jobs += [(b, u, r0, r1, cost[r1] - cost[r0]) for r0, r1 in zip(cuts, cuts[1:])]
     return jobs
 
 

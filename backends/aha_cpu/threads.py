@@ -12,6 +12,7 @@ There are ``torch.get_num_threads()`` workers; with one, the loop runs inline.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,6 +21,16 @@ import torch
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _size = 0
+
+
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a new pool when one is needed."""
+    global _pool, _size, _lock
+    _pool, _size, _lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def workers() -> int:
