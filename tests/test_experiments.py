@@ -94,6 +94,18 @@ def test_passkey_is_beyond_every_window_of_the_full_run():
     assert nearest >= max(FULL.windows)  # only All reaches the planted key
 
 
+def test_passkey_near_lies_at_the_distance_asked():
+    probe = build_passkey(_filler(), 16, 512, distance=(80, 112))
+    assert all(80 <= d <= 112 for d in probe.distances)
+    q0 = int(probe.query_positions[0])
+    for s, (key, p, d) in enumerate(zip(probe.keys, probe.plant_at, probe.distances)):
+        last_digit = q0 - d
+        assert bytes(probe.ids[s, last_digit - 4 : last_digit + 1].tolist()) == key.encode()
+        assert p == 0 or probe.ids[s, p - 1] == ord("\n")
+    with pytest.raises(ValueError, match="distance"):
+        build_passkey(_filler(), 2, 64, distance=(10, 60))
+
+
 def test_passkey_needs_room():
     with pytest.raises(ValueError, match="context"):
         build_passkey(_filler(), 2, 50)
@@ -179,8 +191,10 @@ def test_quick_pipeline(tmp_path, capsys):
         g = r["gates"]
         assert 0 <= g["all_share"] <= 1 and 0 <= g["all_share_beyond_window"] <= 1
         assert len(g["per_head"]) == QUICK.model.layers and len(g["per_head"][0]) == QUICK.model.heads
-        p = r["passkey"]
-        assert 0 <= p["planted"]["digit_accuracy"] <= 1 and len(p["per_position"]) == QUICK.model.context - 1
+        for name in ("passkey", "passkey_near"):
+            p = r[name]
+            assert 0 <= p["planted"]["digit_accuracy"] <= 1 and len(p["per_position"]) == QUICK.model.context - 1
+            assert len(p["query_all_share"]) == QUICK.model.layers
     assert set(result["full"]["here_only_loss"]) == {str(w) for w in QUICK.windows}
     assert result["meta"]["seconds"] > 0 and result["meta"]["corpus"]["heldout_files"] > 0
     for name in PLOTS.values():

@@ -104,35 +104,50 @@ def _heads(result: dict) -> list[str]:
     return rows
 
 
-def _passkey(result: dict) -> list[str]:
+def _probe_table(result: dict, name: str) -> list[str]:
     rows = [
-        "## Passkey probe",
-        "",
-        f"{result['meta']['config']['passkey_sequences']} held-out windows with `# the passkey is NNNNN` planted in "
-        "the first lines and `# the passkey is NNNNN` again as the last line; the model reads them teacher-forced "
-        "and must put each digit first (chance 0.1 a digit). The planted key lies further back than any window, so "
-        "only All reaches it. The control replaces the planted line with a comment rule of the same length. "
-        "All shares: mean over layers and heads at the query positions (the byte before each digit) and "
-        "at every other position ≥ window.",
-        "",
         "| model | digit accuracy | control | whole key | p(digit) | All at query | same, control | All elsewhere |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     models = [("full attention, pretrained", result["full"]), ("full attention, control", result["full_continued"])]
     for kind, runs in _sweeps(result):
         models += [(f"AHA w {r['window']}, {_label(result, kind)}", r) for r in runs]
-    for name, m in models:
-        p = m["passkey"]
-        shares = [
-            fmt(_mean(p[k])) if k in p else "–"
-            for k in ("query_all_share", "query_all_share_control", "elsewhere_all_share")
-        ]
+    for label, m in models:
+        p = m[name]
+        keys = ("query_all_share", "query_all_share_control", "elsewhere_all_share")
+        shares = [fmt(_mean(p[k])) if k in p else "–" for k in keys]
         rows.append(
-            f"| {name} | {fmt(p['planted']['digit_accuracy'], 2)} | {fmt(p['control']['digit_accuracy'], 2)} | "
+            f"| {label} | {fmt(p['planted']['digit_accuracy'], 2)} | {fmt(p['control']['digit_accuracy'], 2)} | "
             f"{fmt(p['planted']['key_accuracy'], 2)} | {fmt(p['planted']['p_digit'])} | {' | '.join(shares)} |"
         )
-    rows += ["", f"![Passkey probe]({{out}}/{PLOTS['passkey']})", ""]
     return rows
+
+
+def _passkey(result: dict) -> list[str]:
+    probes = result["meta"]["probes"]
+    rows = [
+        "## Passkey probe",
+        "",
+        f"{result['meta']['config']['passkey_sequences']} held-out windows of {result['meta']['config']['model']['context']} "
+        "bytes with the line `# the passkey is NNNNN` planted in them and `# the passkey is NNNNN` again as the "
+        "last line; the model reads them teacher-forced and must put each digit first (chance 0.1 a digit). The "
+        "control replaces the planted line with a comment rule of the same length, so its accuracy is that of "
+        "guessing. All shares: mean over layers and heads at the query positions (the byte before each digit) "
+        "and at every other position ≥ window. The full-attention rows have no router at work (their window "
+        "holds every key).",
+        "",
+    ]
+    for name, title in (("passkey", "Planted early"), ("passkey_near", "Planted near")):
+        if name not in probes:
+            continue
+        d = probes[name]["distances"]
+        rows += [
+            f"**{title}**: the key ends {min(d)}–{max(d)} bytes before the first query position.",
+            "",
+            *_probe_table(result, name),
+            "",
+        ]
+    return rows + [f"![Passkey probe]({{out}}/{PLOTS['passkey']})", ""]
 
 
 def _trend(shares: list[float]) -> str:
@@ -203,16 +218,20 @@ def _comparison(result: dict) -> list[str]:
             f"for more than half of their tokens; the busiest head is All for {max(heads):.2f} of them, the median "
             f"head for {sorted(heads)[len(heads) // 2]:.2f}."
         )
-    full_pk = result["full_continued"]["passkey"]["planted"]["digit_accuracy"]
-    rows.append(
-        f"* **Passkey.** The full-attention control puts {full_pk:.2f} of the digits first (chance 0.10); "
-        + (
-            "so at this scale the model does retrieve, and the probe can show where All is needed."
-            if full_pk > 0.3
-            else "so the model barely retrieves the key, and the probe says little about where "
-            "All is needed for retrieval."
+    for name, title in (("passkey", "planted early"), ("passkey_near", "planted near")):
+        if name not in result["full_continued"]:
+            continue
+        acc = result["full_continued"][name]["planted"]["digit_accuracy"]
+        guess = result["full_continued"][name]["control"]["digit_accuracy"]
+        verdict = (
+            "so the model retrieves it, and the probe can show where the router goes All to do so."
+            if acc > max(0.3, guess + 0.2)
+            else "so the model does not retrieve it: this probe cannot show where All is needed for retrieval."
         )
-    )
+        rows.append(
+            f"* **Passkey {title}.** The full-attention control puts {acc:.2f} of the digits first ({guess:.2f} "
+            f"with no key planted, chance 0.10); {verdict}"
+        )
     return rows + [""]
 
 

@@ -28,6 +28,7 @@ from aha.training import LAMBDA
 __all__ = ["ExperimentConfig", "Sweep", "FULL", "QUICK", "reproduce", "RESULTS_JSON"]
 
 RESULTS_JSON = "results.json"
+PROBES = ("passkey", "passkey_near")  # planted early (beyond every window), and near (between the windows)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class ExperimentConfig:
     sweeps: tuple[Sweep, ...]
     eval_sequences: int = 64
     passkey_sequences: int = 64
+    passkey_near: tuple[int, int] | None = (80, 112)  # distances of the near passkey (between the windows)
     corpus_max_bytes: int | None = None
     threads: int = 2
     seed: int = 0
@@ -88,6 +90,7 @@ QUICK = ExperimentConfig(
     sweeps=_sweeps(3e-2, (8, 16, 32), (16,)),
     eval_sequences=16,
     passkey_sequences=16,
+    passkey_near=(20, 30),
     corpus_max_bytes=1_000_000,
 )
 
@@ -116,10 +119,12 @@ def _assess(model, cfg: ExperimentConfig, data: dict, window: int, routed: bool,
         with forced_gates(model, all_=False):
             out["here_only_loss"] = evaluate(model, data["eval"])[0]
         bar.update()
-    probe = run_passkey(model, data["passkey"], window)
-    if not routed:  # the window holds every key: AHAAttention ignores the (untrained) router
-        probe = {k: v for k, v in probe.items() if "share" not in k and k != "per_position"}
-    out["passkey"] = probe
+    for name in PROBES:
+        if name in data:
+            probe = run_passkey(model, data[name], window)
+            if not routed:  # the window holds every key: AHAAttention ignores the (untrained) router
+                probe = {k: v for k, v in probe.items() if "share" not in k and k != "per_position"}
+            out[name] = probe
     bar.update()
     return out
 
@@ -137,7 +142,17 @@ def _rounded(x):
 
 def _meta(cfg: ExperimentConfig, corpus, data: dict, command: str) -> dict:
     """What ran, where, on what: everything the page states besides the measurements."""
-    probe = data["passkey"]
+    probes = {
+        name: {
+            "plant_at": data[name].plant_at,
+            "distances": data[name].distances,
+            "digits": data[name].digits,
+            "plant_line_bytes": len(PLANT) + data[name].digits + 1,
+            "query_positions": data[name].query_positions.tolist(),
+        }
+        for name in PROBES
+        if name in data
+    }
     return {
         "command": command,
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -149,12 +164,7 @@ def _meta(cfg: ExperimentConfig, corpus, data: dict, command: str) -> dict:
         "corpus": corpus.describe(),
         "config": {**cfg.to_dict(), "windows": cfg.windows},
         "eval_bytes": int(data["eval"].shape[0] * cfg.model.context),
-        "passkey": {
-            "plant_at": probe.plant_at,
-            "digits": probe.digits,
-            "plant_line_bytes": len(PLANT) + probe.digits + 1,
-            "query_positions": probe.query_positions.tolist(),
-        },
+        "probes": probes,
     }
 
 
@@ -173,6 +183,10 @@ def reproduce(cfg: ExperimentConfig, out: Path, *, progress: bool = True, comman
         "eval": heldout_windows(corpus.heldout, cfg.eval_sequences, ctx + 1),
         "passkey": build_passkey(corpus.heldout, cfg.passkey_sequences, ctx),
     }
+    if cfg.passkey_near is not None:
+        data["passkey_near"] = build_passkey(
+            corpus.heldout, cfg.passkey_sequences, ctx, seed=8, distance=cfg.passkey_near
+        )
     result = {"schema": 1, "meta": _meta(cfg, corpus, data, command), "runs": []}
 
     def save():

@@ -4,8 +4,10 @@ Each probe sequence is exactly ``context`` bytes of held-out stdlib source with
 the line ``# the passkey is 48213`` planted near the start (at a line start) and
 ``# the passkey is 48213`` again as the last line, its digits being the last bytes.
 The model reads the sequence teacher-forced; at the query positions (the token
-before each digit) it must put the digit first to count as retrieving it. The
-passkey lies further back than any window, so only All can reach it.
+before each digit) it must put the digit first to count as retrieving it. Planted
+early, the passkey lies further back than any window, so only All can reach it;
+the ``distance`` variant plants it a given number of bytes before the query instead
+(a distance the model can bridge, beyond the small windows but inside the large).
 
 The control replaces the planted line by a comment rule of the same length: the digits
 can then only be guessed, which gives the accuracy of guessing.
@@ -38,6 +40,12 @@ class PasskeyBatch:
     digits: int
 
     @property
+    def distances(self) -> list[int]:
+        """Bytes from the planted key's last digit to the first query position, per sequence."""
+        first = int(self.query_positions[0])
+        return [first - (p + len(PLANT) + self.digits - 1) for p in self.plant_at]
+
+    @property
     def query_positions(self) -> torch.Tensor:
         """Input positions whose next byte is a digit of the final passkey: [digits]."""
         n = self.ids.shape[1]
@@ -50,22 +58,40 @@ def _line_start(filler: bytes, lo: int, hi: int) -> int:
     return lo if nl < 0 else nl + 1
 
 
-def build_passkey(heldout: torch.Tensor, count: int, context: int, digits: int = 5, seed: int = 7) -> PasskeyBatch:
-    """``count`` probe sequences of ``context`` bytes from the held-out stream (deterministic in seed)."""
+def build_passkey(
+    heldout: torch.Tensor,
+    count: int,
+    context: int,
+    digits: int = 5,
+    seed: int = 7,
+    distance: tuple[int, int] | None = None,
+) -> PasskeyBatch:
+    """``count`` probe sequences of ``context`` bytes from the held-out stream (deterministic in seed).
+
+    The planted line goes in the first lines, or, with ``distance=(lo, hi)``, where the
+    planted key's last digit lies lo to hi bytes before the first query position.
+    """
     gen = torch.Generator().manual_seed(seed)
     query_len = len(PLANT) + digits
     plant_len = query_len + 1  # the planted line ends with a newline
     room = context - plant_len - query_len
     if room < 16:
         raise ValueError(f"context: {context} bytes leave no room for filler around a {digits}-digit passkey")
+    if distance is None:
+        lo = min(8, room // 4)
+        hi = min(room, lo + 128)
+    else:
+        # distance d = (context - digits - 1) - (p + query_len - 1) for a plant at p
+        lo, hi = context - digits - query_len - distance[1], context - digits - query_len - distance[0] + 1
+        if not (distance[0] <= distance[1] and 0 <= lo and hi <= room + 1):
+            raise ValueError(f"distance: {distance} is not a range of distances a {context}-byte probe can hold")
     ids, control, keys, plant_at = [], [], [], []
     for _ in range(count):
         start = int(torch.randint(0, heldout.numel() - context, (1,), generator=gen))
         region = bytearray(heldout[start : start + room].tolist())  # the filler
         region[-1:] = b"\n"  # the query starts a line
         key = str(int(torch.randint(10 ** (digits - 1), 10**digits, (1,), generator=gen)))
-        lo = min(8, room // 4)
-        p = _line_start(bytes(region), lo, min(room, lo + 128))
+        p = _line_start(bytes(region), lo, hi)
         query = PLANT + key.encode()
         ids.append(list(bytes(region[:p]) + query + b"\n" + bytes(region[p:]) + query))
         control.append(list(bytes(region[:p]) + _neutral_line(plant_len) + bytes(region[p:]) + query))

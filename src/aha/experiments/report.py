@@ -137,61 +137,53 @@ def plot_heads(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def plot_passkey(result: dict, path: Path) -> None:
-    """All share by position on the passkey sequences, and retrieval accuracy of every model."""
-    fig = _figure(12, 4.2)
-    ax, bx = fig.subplots(1, 2, width_ratios=(1.4, 1))
-    pk = result["meta"]["passkey"]
+PROBE_TITLES = {"passkey": "planted early", "passkey_near": "planted near"}
+
+
+def _probe_positions(ax, result: dict, name: str) -> None:
+    """All share by position on one probe's sequences, with where the keys are planted and asked for."""
+    pk = result["meta"]["probes"][name]
     for kind, runs in _sweeps(result):
         for r in runs:
-            ax.plot(
-                r["passkey"]["per_position"],
-                lw=0.9,
-                ls=_STYLE[kind][0][1:],
-                label=f"w {r['window']}, {_label(result, kind)}",
-            )
-    ax.axvspan(
-        min(pk["plant_at"]),
-        max(pk["plant_at"]) + pk["plant_line_bytes"],
-        color="orange",
-        alpha=0.25,
-        label="where the passkey lines are planted",
-    )
-    ax.axvspan(
-        min(pk["query_positions"]) - 0.5,
-        max(pk["query_positions"]) + 0.5,
-        color="red",
-        alpha=0.3,
-        label="query positions",
-    )
+            label = f"w {r['window']}, {_label(result, kind)}"
+            ax.plot(r[name]["per_position"], lw=0.9, ls=_STYLE[kind][0][1:], label=label)
+    end = max(pk["plant_at"]) + pk["plant_line_bytes"]
+    ax.axvspan(min(pk["plant_at"]), end, color="orange", alpha=0.25, label="planted lines")
+    q = pk["query_positions"]
+    ax.axvspan(min(q) - 0.5, max(q) + 0.5, color="red", alpha=0.3, label="query positions")
+    d = pk["distances"]
     ax.set(
         xlabel="position",
         ylabel="share of All (layers, heads, sequences)",
         ylim=(-0.02, 1.02),
-        title="Passkey sequences: where the router goes All",
         xlim=(0, result["meta"]["config"]["model"]["context"]),
+        title=f"Passkey {PROBE_TITLES[name]} ({min(d)}–{max(d)} bytes back): All by position",
     )
-    ax.legend(fontsize=6, ncol=2)
+
+
+def plot_passkey(result: dict, path: Path) -> None:
+    """All share by position on each probe's sequences, and the retrieval accuracy of every model."""
+    probes = [name for name in PROBE_TITLES if name in result["meta"]["probes"]]
+    fig = _figure(6 * len(probes) + 6, 4.4)
+    axes = fig.subplots(1, len(probes) + 1)
+    for ax, name in zip(axes, probes):
+        _probe_positions(ax, result, name)
+    axes[0].legend(fontsize=6, ncol=2)
     models = [("full", result["full"]), ("full+ft", result["full_continued"])]
     marks = {"paper": "", "extra": "*", "none": "°"}
     models += [(f"w{r['window']}{marks[kind]}", r) for kind, runs in _sweeps(result) for r in runs]
-    x = range(len(models))
-    bx.bar(
-        [i - 0.2 for i in x],
-        [m["passkey"]["planted"]["digit_accuracy"] for _, m in models],
-        0.4,
-        label="passkey planted",
-    )
-    bx.bar(
-        [i + 0.2 for i in x],
-        [m["passkey"]["control"]["digit_accuracy"] for _, m in models],
-        0.4,
-        label="control (none planted)",
-    )
+    bx, width = axes[-1], 0.8 / (2 * len(probes))
+    for k, (name, which) in enumerate((n, w) for n in probes for w in ("planted", "control")):
+        bx.bar(
+            [i - 0.4 + width * (k + 0.5) for i in range(len(models))],
+            [m[name][which]["digit_accuracy"] for _, m in models],
+            width,
+            label=f"{PROBE_TITLES[name]}: {'key planted' if which == 'planted' else 'control, none planted'}",
+        )
     bx.axhline(0.1, color="k", ls=":", label="chance (1 in 10 digits)")
-    bx.set_xticks(list(x), [name for name, _ in models], rotation=60, fontsize=7)
+    bx.set_xticks(list(range(len(models))), [name for name, _ in models], rotation=60, fontsize=7)
     bx.set(ylabel="digit accuracy", ylim=(0, 1), title="Retrieval (* larger λ, ° λ = 0)")
-    bx.legend(fontsize=7)
+    bx.legend(fontsize=6)
     fig.savefig(path, dpi=110)
 
 
