@@ -229,6 +229,11 @@ gate = (torch.rand(1, 1, n) < 0.07)
 soft = gate.float().requires_grad_()
 leaves = [x.clone().requires_grad_() for x in (q, k, v)]
 
+aha.backends()  # load the plugins (the triton one imports triton) before measuring
+small = [x[:, :, :300] for x in (q, k, v)]
+aha.attention(*small, gate[:, :, :300], window=256, backend="cpu")  # and the thread pool
+
+
 def status(key):
     return next(int(l.split()[1]) * 1024 for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
 
@@ -245,12 +250,15 @@ print(peak() - base)
 
 
 def test_no_n_by_n_matrix():
-    """At N = 16384 an N x N float32 matrix is 1 GiB; forward and backward stay far below it."""
-    n = 16384
+    """At N = 32768 an N x N bool mask is 1 GiB (float32: 4 GiB); forward and backward stay far below it.
+
+    The bound leaves room for allocator arenas and lazily loaded libraries, which vary by machine.
+    """
+    n = 32768
     res = subprocess.run([sys.executable, "-c", _MEMORY_PROBE.format(n=n)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     grown = int(res.stdout.split()[-1])
-    assert grown < n * n * 4 // 8, f"peak memory grew by {grown / 2**20:.0f} MiB"
+    assert grown < n * n // 4, f"peak memory grew by {grown / 2**20:.0f} MiB"
 
 
 def test_all_tokens_far_apart_across_heads(monkeypatch):

@@ -30,6 +30,8 @@ _CHUNK_ELEMENTS = 1 << 22
 def aha_sdpa(q, k, v, gate, *, window, scale=None):
     """q: [B, Hq, Nq, D], k, v: [B, Hkv, Nk, D], gate: [B, Hq, Nq] -> [B, Hq, Nq, D]."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not gate.requires_grad and bool((gate == 1).all()):
+        return _all_dense(q, k, v, scale)  # every token All (as AHAAttention passes when the window holds every key)
     out_here = _here(q, k, v, window, scale)
     if not gate.requires_grad and is_hard_gate(gate):
         all_idx, all_out = _all_tokens(q, k, v, gate.bool(), scale)

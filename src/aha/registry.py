@@ -151,6 +151,7 @@ class Registry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._loaded = False
+        self._ready = False  # set once every plugin is loaded
         self.pm = pluggy.PluginManager("aha")
         self.pm.add_hookspecs(hookspecs)
         self._rows: dict[str, BackendInfo] = {}
@@ -167,11 +168,14 @@ class Registry:
         self._register_plugin(plugin, name, distribution, version)
 
     def _ensure_loaded(self) -> None:
+        if self._ready:  # lock-free once loaded, so that torch.compile(fullgraph=True) can trace aha.attention
+            return
         with self._lock:
             if not self._loaded:
                 self._loaded = True
                 for ep in _selected_entry_points():
                     self._load_entry_point(ep)
+                self._ready = True
 
     def _load_entry_point(self, ep) -> None:
         dist = ep.dist.name if ep.dist else "?"

@@ -1,0 +1,61 @@
+"""``python -m aha.experiments reproduce [--quick] [--out DIR]`` | ``report [--out DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_OUT = Path("docs/results")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aha.experiments", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    rep = sub.add_parser("reproduce", help="train, fine-tune, evaluate and write the results (about 40 min on 2 cores)")
+    rep.add_argument("--quick", action="store_true", help="a tiny configuration that runs in well under a minute")
+    rep.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"JSON and plots go here, the page to OUT.md (default {DEFAULT_OUT})",
+    )
+    rep.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
+    rep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    show = sub.add_parser("report", help="redraw the plots and the page from OUT/results.json")
+    show.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+
+    from aha.experiments.pipeline import RESULTS_JSON
+
+    if args.cmd == "report":
+        from aha.experiments.report import write_report
+
+        path = args.out / RESULTS_JSON
+        if not path.is_file():
+            parser.error(f"--out: {path} does not exist; run `python -m aha.experiments reproduce --out {args.out}`")
+        print(write_report(json.loads(path.read_text()), args.out))
+        return 0
+
+    from dataclasses import replace
+
+    from aha.experiments.pipeline import FULL, QUICK, reproduce
+
+    cfg = QUICK if args.quick else FULL
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        cfg = replace(cfg, threads=args.threads)
+    command = "python -m aha.experiments reproduce" + (" --quick" if args.quick else "")
+    command += f" --threads {args.threads}" if args.threads is not None else ""
+    result = reproduce(cfg, args.out, progress=not args.no_progress, command=command)
+    print(
+        f"wrote {args.out / RESULTS_JSON}, the plots and {args.out.with_suffix('.md')} "
+        f"in {result['meta']['seconds'] / 60:.1f} min"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
