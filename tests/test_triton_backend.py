@@ -147,7 +147,7 @@ def test_deterministic_gradients_are_bitwise_repeatable(gate_grad):
 def test_deterministic_follows_torch_setting(monkeypatch):
     seen = []
     real = _launch.backward
-    monkeypatch.setattr(_launch, "backward", lambda *a: seen.append(a[-1]) or real(*a))
+    monkeypatch.setattr(_launch, "backward", lambda *a: seen.append(a[11]) or real(*a))  # a[11]: deterministic
     q, k, v, g, dout = _inputs(1, 2, 1, 9, 9, 16, torch.float32)
     q.requires_grad_(True)
     for flag in (True, False):
@@ -218,6 +218,36 @@ def test_poisoned_keys_outside_a_window_do_not_leak(gate_grad, bad, deterministi
     assert not torch.isfinite(out1[g == 1]).all()  # All tokens do read the poisoned keys
 
 
+SEQLEN_CASES = [  # B, Hq, Hkv, Nq, Nk, D, window, cache_seqlens
+    (3, 4, 2, 1, 40, 16, 6, (40, 17, 1)),  # decode: one query per sequence, GQA
+    (2, 3, 1, 5, 37, 16, 9, (12, 37)),  # chunked prefill: Nq > 1, a window wider than a block
+]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "dq-pass"])
+@pytest.mark.parametrize("mode", ["routed", "gate-grad", "soft"])
+@pytest.mark.parametrize("case", SEQLEN_CASES, ids=lambda c: "B{}Hq{}Hkv{}Nq{}Nk{}D{}w{}L{}".format(*c))
+def test_cache_seqlens_match_reference_with_nan_past_each_length(case, mode, deterministic):
+    """Sequence b reads k[b, :, :L_b] only: NaN past L_b stays out of the output and the gradients,
+    which match the reference; dk and dv past L_b are exactly 0."""
+    *shape, window, lens = case
+    q, k, v, g, dout = _inputs(*shape, torch.float32, gate="soft" if mode == "soft" else "random", seed=shape[3])
+    for b, n in enumerate(lens):
+        k[b, :, n:], v[b, :, n:] = float("nan"), float("nan")
+    leaves = [x.requires_grad_(True) for x in (q, k, v)] + ([g.requires_grad_(True)] if mode == "gate-grad" else [])
+    seqlens = torch.tensor(lens, device=DEVICE)
+    out = ops.attention(q, k, v, g, window=window, deterministic=deterministic, cache_seqlens=seqlens)
+    grads = torch.autograd.grad(out, leaves, dout)
+    args = (_np(q), _np(k), _np(v), _np(g), window)
+    assert torch.isfinite(out).all()
+    _close("out", out, reference.attention(*args, cache_seqlens=lens), torch.float32)
+    for name, got, r in zip(("dq", "dk", "dv", "dgate"), grads, reference.attention_vjp(*args, _np(dout), cache_seqlens=lens)):
+        assert torch.isfinite(got).all(), name
+        _close(name, got, r, torch.float32, kind=1)
+    for b, n in enumerate(lens):
+        assert not grads[1][b, :, n:].any() and not grads[2][b, :, n:].any()
+
+
 def test_route_order_is_a_stable_partition():
     gen = torch.Generator().manual_seed(0)
     is_all = torch.rand(2, 6, 23, generator=gen) < 0.3
@@ -229,29 +259,34 @@ def test_route_order_is_a_stable_partition():
         assert n_all[bh] == rows[bh].sum()
 
 
+@pytest.mark.parametrize("seqlens", [None, (45, 38, 37)], ids=["Nk", "cache_seqlens"])
 @pytest.mark.parametrize("window", [1, 5, 40])
-def test_dkdv_ranges_cover_exactly_the_touched_blocks(window):
+def test_dkdv_ranges_cover_exactly_the_touched_blocks(window, seqlens):
     """Each key block's query block ranges agree with the forward's key block ranges
-    (aha.window.key_block_range), and blocks said to be unmasked see every key of the block."""
+    (aha.window.key_block_range, over the L_b keys of each sequence with cache_seqlens),
+    and blocks said to be unmasked see every key of the block."""
     nq, nk, g, bm, bn = 37, 45, 2, 8, 8
+    bsz = 1 if seqlens is None else len(seqlens)
     gen = torch.Generator().manual_seed(window)
-    is_all = torch.rand(1, 2 * g, nq, generator=gen) < 0.4
+    is_all = torch.rand(bsz, 2 * g, nq, generator=gen) < 0.4
     order, n_all = route_order(is_all, heads_kv=2)
-    ranges = _index.dkdv_ranges(order, n_all, nq, nk, g, window, bm, bn)
+    lens = None if seqlens is None else torch.tensor(seqlens, dtype=torch.int32)
+    ranges = _index.dkdv_ranges(order, n_all, nq, nk, g, window, bm, bn, lens)
     for bh in range(order.shape[0]):
+        seq_nk = nk if seqlens is None else seqlens[bh // 2]
         segments = [(True, 0, int(n_all[bh])), (False, int(n_all[bh]), g * nq)]
         for seg, (is_all_seg, lo, hi) in enumerate(segments):
             for t in range(num_blocks(hi - lo, bm)):
                 rows = order[bh, lo + t * bm : min(lo + (t + 1) * bm, hi)].long()
                 i = rows // g
-                kb_lo, kb_hi = key_block_range(int(i[0]), int(i[-1]) + 1, nq, nk, window, bn, is_all_seg)
+                kb_lo, kb_hi = key_block_range(int(i[0]), int(i[-1]) + 1, nq, seq_nk, window, bn, is_all_seg)
                 for kb in range(num_blocks(nk, bn)):
                     a0, a1, h0, h1, h2, h3 = ranges[bh, kb, :6].tolist()
                     visits = a0 <= t < num_blocks(hi - lo, bm) if is_all_seg else h0 <= t < h3
                     assert visits == (kb_lo <= kb < kb_hi), (bh, seg, t, kb)
                     unmasked = t >= a1 if is_all_seg else h1 <= t < h2
                     if visits and unmasked:
-                        pos = position_offset(nq, nk) + i
+                        pos = position_offset(nq, seq_nk) + i
                         first = 0 if is_all_seg else int(pos.max()) - window + 1
                         assert first <= kb * bn and min((kb + 1) * bn, nk) - 1 <= int(pos.min())
 
@@ -280,6 +315,8 @@ def test_custom_op_passes_opcheck():
     for both, gate in ((False, g), (True, g.clone().requires_grad_(True))):
         args = (q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True), gate, 3, 0.25, both, True)
         torch.library.opcheck(ops.aha_forward, args)
+    seqlens = torch.tensor([10], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(ops.aha_forward, (q, k, v, g.clone().requires_grad_(True), 3, 0.25, True, True, seqlens))
 
 
 def _traced_by_dynamo(module) -> bool:
@@ -302,6 +339,25 @@ def test_torch_compile_fullgraph_through_aha_attention():
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v, logits)]
     got = torch.autograd.grad(compiled(*leaves), leaves, dout)
     want = torch.autograd.grad(step(*leaves), leaves, dout)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not _traced_by_dynamo(ops), reason="dynamo skips this checkout's path (contains 'triton/backends')")
+def test_torch_compile_fullgraph_with_cache_seqlens():
+    """The custom ops carry cache_seqlens through torch.compile. Called through ops.attention:
+    aha.attention's validation reads the lengths' values, which fullgraph cannot trace."""
+    q, k, v, _, dout = _inputs(2, 2, 1, 5, 17, 16, torch.float32, seed=4)
+    logits = torch.randn(2, 2, 5, device=DEVICE)
+    lens = torch.tensor([17, 9], dtype=torch.int32, device=DEVICE)
+
+    def step(q, k, v, logits, lens):
+        return ops.attention(q, k, v, aha.route(logits), window=4, cache_seqlens=lens)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, logits)]
+    got = torch.autograd.grad(compiled(*leaves, lens), leaves, dout)
+    want = torch.autograd.grad(step(*leaves, lens), leaves, dout)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
 

@@ -84,7 +84,8 @@ PROBLEMS = {
 
 
 def recorded_launches(dtype, d):
-    """Every kernel launch of forward and backward (routed and dense; both dq modes) for one dtype and D."""
+    """Every kernel launch of forward and backward (routed and dense; both dq modes; with and without
+    cache_seqlens) for one dtype and D."""
     calls = []
     saved = {name: getattr(_launch, name) for name in _KERNELS}
     for name in _KERNELS:
@@ -100,6 +101,11 @@ def recorded_launches(dtype, d):
                 out, lse, br = _launch.forward(q, k, v, gate, 8, d**-0.5, both=both, store_branches=both)
                 for det in (True, False):
                     _launch.backward(q, q, k, v, gate, out, lse, br, 8, d**-0.5, both, det)
+                # cache_seqlens (VARLEN): decode and chunked prefill; one backward mode is enough for the check
+                lens = torch.tensor([33], dtype=torch.int32)
+                q1, gate1 = q[:, :, :5], gate[:, :, :5]
+                out, lse, br = _launch.forward(q1, k, v, gate1, 8, d**-0.5, both=both, store_branches=both, seqlens=lens)
+                _launch.backward(q1, q1, k, v, gate1, out, lse, br, 8, d**-0.5, both, True, lens)
     finally:
         for name, fn in saved.items():
             setattr(_launch, name, fn)

@@ -20,7 +20,8 @@ pass per query block (deterministic) or float32 atomics from the dk/dv pass
 (FUSE_DQ: no second pass, but the summation order varies from run to run).
 
 Bundles: ``src = (Q, DOUT, LSE, DELTA, GATE, q_base, stride_qh, stride_qn)``,
-``dims = (bh, kvh, NQ, NK, WINDOW, TOKENS)``, and the constexpr
+``dims = (bh, kvh, NQ, NK, WINDOW, TOKENS)`` (NK: the keys of the program's sequence, L_b
+under VARLEN), and the constexpr
 ``TILE = (HEAD_DIM, BLOCK_M|BLOCK_N, BLOCK_D, PRECISION)``.
 """
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from aha_triton._common import _block_rows, _dense_block, _finite, _row_coords, _segment
+from aha_triton._common import _block_rows, _dense_block, _finite, _row_coords, _segment, _seq_len
 from aha_triton._fwd import _load_kv
 
 
@@ -153,28 +154,31 @@ def _dkdv_both(dk, dv, k, v, k_safe, j, src, dims, DQ, t_lo, t_hi, scale, scale_
 
 @triton.jit
 def _aha_bwd_dkdv(
-    Q, K, V, DOUT, GATE, LSE, DELTA, ORDER, NALL, RANGES, DK, DV, DQ,
+    Q, K, V, DOUT, GATE, LSE, DELTA, ORDER, NALL, RANGES, DK, DV, DQ, SEQLENS,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     HKV, NQ, NK, WINDOW, TOKENS, scale, scale_log2,
-    G: tl.constexpr, HEAD_DIM: tl.constexpr, BOTH: tl.constexpr, FUSE_DQ: tl.constexpr,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BOTH: tl.constexpr, FUSE_DQ: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """DK, DV [B, Hkv, Nk, D]. Grid: (key blocks, B * Hkv). RANGES [B * Hkv, key blocks, 8] (routed)."""
+    """DK, DV [B, Hkv, Nk, D]. Grid: (key blocks, B * Hkv). RANGES [B * Hkv, key blocks, 8] (routed).
+    Keys past a sequence's length (VARLEN) load as 0, no query reads them, and their dk, dv are 0."""
     kb = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)
     kvh = (bh % HKV).to(tl.int64)
     rows = G * NQ
-    kv = (K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh, stride_kn, stride_vn, NK)
+    nk = _seq_len(SEQLENS, b, NK, VARLEN)
+    kv = (K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh, stride_kn, stride_vn, nk)
     k, v, j = _load_kv(kv, kb, True, (HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION))
     k_safe = tl.where(_finite(k), k, 0.0)  # for ds @ k: 0 * NaN must not reach rows that do not read a key
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     src = (Q, DOUT, LSE, DELTA, GATE, Q + b * stride_qb, stride_qh, stride_qn)
-    dims = (bh, kvh, NQ, NK, WINDOW, TOKENS)
+    dims = (bh, kvh, NQ, nk, WINDOW, TOKENS)
     TILE: tl.constexpr = (HEAD_DIM, BLOCK_M, BLOCK_D, PRECISION)
     if BOTH:
-        off = NK - NQ
+        off = nk - NQ
+        # the block's last key slot (not clamped to nk: a block that reaches past the sequence stays masked)
         kb_last = tl.minimum(kb * BLOCK_N + BLOCK_N, NK) - 1
         nblk = tl.cdiv(rows, BLOCK_M)
         t0 = tl.minimum((tl.maximum(kb * BLOCK_N - off, 0) * G) // BLOCK_M, nblk)  # first block reaching kb
@@ -241,10 +245,10 @@ def _dq_stage(dq, q, do, stats, kv, kb_lo, kb_hi, lo, pos, WINDOW, scale_log2,
 
 @triton.jit
 def _aha_bwd_dq(
-    Q, K, V, DOUT, GATE, LSE, DELTA, ORDER, NALL, DQ,
+    Q, K, V, DOUT, GATE, LSE, DELTA, ORDER, NALL, DQ, SEQLENS,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     HKV, NQ, NK, WINDOW, TOKENS, scale, scale_log2,
-    G: tl.constexpr, HEAD_DIM: tl.constexpr, BOTH: tl.constexpr,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BOTH: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """DQ [B, Hq, Nq, D]: one program per query block, visiting the key blocks as the forward does."""
@@ -261,8 +265,9 @@ def _aha_bwd_dq(
         return
     row, valid = _block_rows(ORDER + bh.to(tl.int64) * rows, start, end, BOTH, BLOCK_M)
     src = (Q, DOUT, LSE, DELTA, GATE, Q + b * stride_qb, stride_qh, stride_qn)
-    q, do, pos, token = _load_rows(src, (bh, kvh, NQ, NK, WINDOW, TOKENS), row, valid, G, HEAD_DIM, BLOCK_D)
-    kv = (K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh, stride_kn, stride_vn, NK)
+    nk = _seq_len(SEQLENS, b, NK, VARLEN)
+    q, do, pos, token = _load_rows(src, (bh, kvh, NQ, nk, WINDOW, TOKENS), row, valid, G, HEAD_DIM, BLOCK_D)
+    kv = (K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh, stride_kn, stride_vn, nk)
     TILE: tl.constexpr = (HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
     lse = tl.load(LSE + token)
     delta = tl.load(DELTA + token)

@@ -5,6 +5,10 @@ rows ``row = i * G + hl`` (query position i, local query head hl). Routed calls
 read the rows through ``order`` (All segment, then Here segment); dense calls
 (BOTH: every token computes All and Here) read them in natural order.
 Softmax state is kept in base 2: s2 = scale * log2(e) * q.k, lse2 = m + log2(l).
+
+Sequence lengths: with VARLEN, sequence b holds L_b = SEQLENS[b] keys (cache_seqlens);
+its queries sit at L_b - Nq + i and keys from L_b on are never loaded. A program
+reads its L_b once (:func:`_seq_len`) and uses it wherever the whole-batch Nk would be.
 """
 
 from __future__ import annotations
@@ -55,8 +59,19 @@ def _block_rows(ORDER_ROW, start, end, BOTH: tl.constexpr, BLOCK_M: tl.constexpr
 
 
 @triton.jit
+def _seq_len(SEQLENS, b, NK, VARLEN: tl.constexpr):
+    """Keys of sequence b: cache_seqlens[b] (VARLEN), else all NK of them."""
+    n = NK
+    if VARLEN:
+        n = tl.load(SEQLENS + b)
+    return n
+
+
+@triton.jit
 def _row_coords(row, bh, NQ, NK, G: tl.constexpr):
-    """Query position i, absolute position pos and flat token index (b, h, i) of each row."""
+    """Query position i, absolute position pos and flat token index (b, h, i) of each row.
+
+    NK: the keys of the row's sequence (its cache_seqlens entry); queries sit bottom-right."""
     i = row // G
     hl = row % G
     pos = NK - NQ + i

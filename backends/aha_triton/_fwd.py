@@ -13,7 +13,8 @@ values with a NaN or inf are zeroed before p @ V (0 * NaN would leak into rows
 that do not read them); a row that does read such a value is flagged and comes
 out NaN, as in the reference.
 
-Bundles passed to the helpers: ``kv = (k_base, v_base, stride_kn, stride_vn, NK)``,
+Bundles passed to the helpers: ``kv = (k_base, v_base, stride_kn, stride_vn, NK)`` (NK: the
+keys of this program's sequence, L_b under VARLEN; masked loads stop there),
 ``TILE = (HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)`` (constexpr) and the softmax
 state ``(acc, m, lsum, bad)``.
 """
@@ -23,7 +24,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from aha_triton._common import _any_bad, _bad_columns, _block_rows, _dense_block, _finite, _row_coords, _segment
+from aha_triton._common import (
+    _any_bad,
+    _bad_columns,
+    _block_rows,
+    _dense_block,
+    _finite,
+    _row_coords,
+    _segment,
+    _seq_len,
+)
 
 
 @triton.jit
@@ -111,15 +121,17 @@ def _finish(state):
 
 @triton.jit
 def _aha_fwd(
-    Q, K, V, GATE, ORDER, NALL, OUT, LSE, BRANCHES,
+    Q, K, V, GATE, ORDER, NALL, OUT, LSE, BRANCHES, SEQLENS,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     HKV, NQ, NK, WINDOW, TOKENS, scale_log2,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BOTH: tl.constexpr, STORE_BRANCHES: tl.constexpr,
+    VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """OUT [B, Hq, Nq, D]; LSE [S, B, Hq, Nq] base 2 (S = 1 routed: the selected branch;
     S = 2 BOTH: All, Here); BRANCHES [2, B, Hq, Nq, D] = All, Here when STORE_BRANCHES.
-    TOKENS = B * Hq * Nq. GATE [B, Hq, Nq] float32 (BOTH only). Grid: (query blocks, B * Hkv)."""
+    TOKENS = B * Hq * Nq. GATE [B, Hq, Nq] float32 (BOTH only). SEQLENS [B] int32 (VARLEN only):
+    sequence b reads keys [0, SEQLENS[b]). Grid: (query blocks, B * Hkv)."""
     t = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)
@@ -132,12 +144,13 @@ def _aha_fwd(
     if start >= end:
         return
     row, valid = _block_rows(ORDER + bh.to(tl.int64) * rows, start, end, BOTH, BLOCK_M)
-    i, hl, pos, token = _row_coords(row, bh, NQ, NK, G)
+    nk = _seq_len(SEQLENS, b, NK, VARLEN)
+    i, hl, pos, token = _row_coords(row, bh, NQ, nk, G)
     d = tl.arange(0, BLOCK_D)
     dmask = d[None, :] < HEAD_DIM
     q_ptr = Q + b * stride_qb + (kvh * G + hl)[:, None] * stride_qh + i[:, None].to(tl.int64) * stride_qn
     q = tl.load(q_ptr + d[None, :], mask=dmask, other=0.0)  # (M, D)
-    kv = (K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh, stride_kn, stride_vn, NK)
+    kv = (K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh, stride_kn, stride_vn, nk)
     TILE: tl.constexpr = (HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
     pos_first = tl.min(pos, 0)
     pos_last = tl.max(pos, 0)

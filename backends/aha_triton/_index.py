@@ -32,6 +32,7 @@ def _segment_positions(order, n_all, seg_lo, seg_hi, nq, nk, g, block_m):
     """First and last position of each query block of one segment; _FAR past its end.
 
     seg_lo, seg_hi: [BH] row slots where the segment starts and ends.
+    nk: the number of keys, an int or [BH] per group (its sequence's cache_seqlens entry).
     Returns first, last: [BH, T] int64 with T = the most blocks any segment can have.
     """
     rows = order.shape[1]
@@ -40,13 +41,19 @@ def _segment_positions(order, n_all, seg_lo, seg_hi, nq, nk, g, block_m):
     end = torch.minimum(start + block_m, seg_hi[:, None])
     exists = start < end
     off = position_offset(nq, nk)
+    if isinstance(off, torch.Tensor):
+        off = off[:, None].long()
     first = off + order.gather(1, start.clamp(max=rows - 1)).long() // g
     last = off + order.gather(1, (end - 1).clamp(0, rows - 1)).long() // g
     return torch.where(exists, first, _FAR), torch.where(exists, last, _FAR)
 
 
-def dkdv_ranges(order, n_all, nq, nk, g, window, block_m, block_n) -> torch.Tensor:
+def dkdv_ranges(order, n_all, nq, nk, g, window, block_m, block_n, seqlens=None) -> torch.Tensor:
     """Query block ranges for each key block of the dk/dv kernel.
+
+    seqlens: None, or [B] per-sequence key counts (cache_seqlens); group bh = b * Hkv + h
+    then places its queries at seqlens[b] - nq + i. Key blocks that lie past a sequence's
+    last query get empty ranges; one that straddles it is masked for every query block.
 
     Returns [BH, num_blocks(nk, block_n), 8] int32, per key block:
     a0, a1   All blocks [a0, a1) need a mask, [a1, n_all_blocks) see the whole key block;
@@ -63,11 +70,12 @@ def dkdv_ranges(order, n_all, nq, nk, g, window, block_m, block_n) -> torch.Tens
     def count_below(seq, values, right=False):
         return torch.searchsorted(seq.contiguous(), values, right=right)
 
-    first, last = _segment_positions(order, n_all, torch.zeros_like(n_all), n_all, nq, nk, g, block_m)
+    lens = nk if seqlens is None else seqlens.long().repeat_interleave(bh // seqlens.shape[0])  # (BH,)
+    first, last = _segment_positions(order, n_all, torch.zeros_like(n_all), n_all, nq, lens, g, block_m)
     a0 = count_below(last, kb_first)  # All blocks whose last query comes before the key block
     a1 = count_below(first, kb_last)  # ... whose first query comes before the key block's end
     seg_hi = torch.full_like(n_all, rows)
-    first, last = _segment_positions(order, n_all, n_all, seg_hi, nq, nk, g, block_m)
+    first, last = _segment_positions(order, n_all, n_all, seg_hi, nq, lens, g, block_m)
     lo_first, lo_last = first - window + 1, last - window + 1  # window starts (unclamped)
     h0 = count_below(last, kb_first)
     h3 = torch.maximum(count_below(lo_first, kb_last, right=True), h0)  # windows starting by the block's end

@@ -94,23 +94,27 @@ def hard_is_all(gate: torch.Tensor) -> torch.Tensor:
     return gate if gate.dtype == torch.bool else gate == 1
 
 
-def _check(q, k, v, gate):
+def _check(q, k, v, gate, seqlens=None):
     b, hq, nq, d = q.shape
+    assert seqlens is None or (seqlens.shape == (b,) and seqlens.dtype == torch.int32), (seqlens, q.shape)
     assert k.shape == v.shape and k.shape[0] == b and k.shape[3] == d, (q.shape, k.shape, v.shape)
     assert hq % k.shape[1] == 0 and nq <= k.shape[2], (q.shape, k.shape)
     assert gate.shape == (b, hq, nq), (gate.shape, q.shape)
     assert q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16, torch.float32), q.dtype
 
 
-def forward(q, k, v, gate, window: int, scale: float, both: bool, store_branches: bool):
+def forward(q, k, v, gate, window: int, scale: float, both: bool, store_branches: bool, seqlens=None):
     """AHA forward. Returns out [B, Hq, Nq, D], lse2 [S, B, Hq, Nq] float32, branches [2, B, Hq, Nq, D].
+
+    seqlens: None, or int32 [B] on q's device (cache_seqlens): sequence b reads k[b, :, :seqlens[b]]
+    and its queries sit at seqlens[b] - Nq + i.
 
     both=False: ``gate`` must be 0/1; each token runs its selected branch (S = 1).
     both=True: every token runs both branches, mixed by ``gate``; with ``store_branches``
     the All and Here outputs and lse2 (S = 2) are kept for the backward, else lse2 and
     branches are empty.
     """
-    _check(q, k, v, gate)
+    _check(q, k, v, gate, seqlens)
     dtype = q.dtype
     q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
     bsz, hq, nq, d = q.shape
@@ -142,6 +146,7 @@ def forward(q, k, v, gate, window: int, scale: float, both: bool, store_branches
         out,
         lse if lse.numel() else none_i32,
         branches if branches.numel() else out,
+        none_i32 if seqlens is None else seqlens,  # unread unless VARLEN
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -161,6 +166,7 @@ def forward(q, k, v, gate, window: int, scale: float, both: bool, store_branches
         HEAD_DIM=d,
         BOTH=both,
         STORE_BRANCHES=both and store_branches,
+        VARLEN=seqlens is not None,
         BLOCK_M=t.m,
         BLOCK_N=t.n,
         BLOCK_D=_block_d(d),
@@ -171,11 +177,14 @@ def forward(q, k, v, gate, window: int, scale: float, both: bool, store_branches
     return out, lse, branches
 
 
-def backward(dout, q, k, v, gate, out, lse, branches, window: int, scale: float, both: bool, deterministic: bool):
+def backward(
+    dout, q, k, v, gate, out, lse, branches, window: int, scale: float, both: bool, deterministic: bool, seqlens=None
+):
     """Gradients of AHA given what :func:`forward` kept. Returns dq, dk, dv and dgate
     ([B, Hq, Nq] float32 when ``both``, else empty). deterministic=False accumulates dq
-    with float32 atomics inside the dk/dv pass instead of running a dq pass."""
-    _check(q, k, v, gate)
+    with float32 atomics inside the dk/dv pass instead of running a dq pass.
+    seqlens as in :func:`forward`; dk and dv are 0 past each sequence's length."""
+    _check(q, k, v, gate, seqlens)
     dtype = q.dtype
     q, k, v, dout = _kernel_input(q), _kernel_input(k), _kernel_input(v), _kernel_input(dout).contiguous()
     bsz, hq, nq, d = q.shape
@@ -204,7 +213,7 @@ def backward(dout, q, k, v, gate, out, lse, branches, window: int, scale: float,
     order, n_all, ranges = none_i32, none_i32, none_i32
     if not both:
         order, n_all = route_order(hard_is_all(gate), hkv)
-        ranges = dkdv_ranges(order, n_all, nq, nk, g, window, t_kv.m, t_kv.n)
+        ranges = dkdv_ranges(order, n_all, nq, nk, g, window, t_kv.m, t_kv.n, seqlens)
     dk = torch.empty((bsz, hkv, nk, d), dtype=dtype, device=dev)
     dv = torch.empty((bsz, hkv, nk, d), dtype=dtype, device=dev)
     dq = (
@@ -224,6 +233,7 @@ def backward(dout, q, k, v, gate, out, lse, branches, window: int, scale: float,
         v.stride(2),
     )
     common = (hkv, nq, nk, window, tokens, scale, scale * LOG2E)
+    lens = none_i32 if seqlens is None else seqlens
     _aha_bwd_dkdv[(num_blocks(nk, t_kv.n), bsz * hkv)](
         q,
         k,
@@ -238,12 +248,14 @@ def backward(dout, q, k, v, gate, out, lse, branches, window: int, scale: float,
         dk,
         dv,
         dq,
+        lens,
         *strides,
         *common,
         G=g,
         HEAD_DIM=d,
         BOTH=both,
         FUSE_DQ=not deterministic,
+        VARLEN=seqlens is not None,
         BLOCK_M=t_kv.m,
         BLOCK_N=t_kv.n,
         BLOCK_D=block_d,
@@ -264,11 +276,13 @@ def backward(dout, q, k, v, gate, out, lse, branches, window: int, scale: float,
             order,
             n_all,
             dq,
+            lens,
             *strides,
             *common,
             G=g,
             HEAD_DIM=d,
             BOTH=both,
+            VARLEN=seqlens is not None,
             BLOCK_M=t_q.m,
             BLOCK_N=t_q.n,
             BLOCK_D=block_d,
