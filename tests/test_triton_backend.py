@@ -248,6 +248,16 @@ def test_cache_seqlens_match_reference_with_nan_past_each_length(case, mode, det
         assert not grads[1][b, :, n:].any() and not grads[2][b, :, n:].any()
 
 
+def test_cache_seqlens_through_aha_attention_equal_one_sequence_at_a_time():
+    """The dispatcher passes cache_seqlens on (int64 on the way in); each row equals its sequence run alone."""
+    q, k, v, g, _ = _inputs(2, 2, 1, 3, 20, 16, torch.float32, seed=6)
+    lens = torch.tensor([20, 7], device=DEVICE)
+    out = aha.attention(q, k, v, g, window=4, cache_seqlens=lens, backend="triton")
+    for b, n in enumerate(lens.tolist()):
+        alone = aha.attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], g[b : b + 1], window=4, backend="triton")
+        torch.testing.assert_close(out[b : b + 1], alone, rtol=1e-5, atol=1e-6)
+
+
 def test_route_order_is_a_stable_partition():
     gen = torch.Generator().manual_seed(0)
     is_all = torch.rand(2, 6, 23, generator=gen) < 0.3
@@ -302,7 +312,7 @@ def test_capabilities_and_availability(monkeypatch):
     row = next(r for r in aha.backends() if r.name == "triton")
     assert row.status == "available" and row.backend.priority == (-1 if INTERPRET else 100)
     caps = row.backend.capabilities
-    assert caps.head_dims == (16, 256) and "bfloat16" in caps.dtypes and "cuda" in caps.devices
+    assert caps.head_dims == (16, 256) and "bfloat16" in caps.dtypes and "cuda" in caps.devices and caps.seqlens
     assert ("cpu" in caps.devices) == INTERPRET
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

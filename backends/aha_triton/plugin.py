@@ -26,10 +26,10 @@ def _available() -> str | None:
     )
 
 
-def forward(q, k, v, gate, *, window, scale=None):
+def forward(q, k, v, gate, *, window, scale=None, cache_seqlens=None):
     from aha_triton.ops import attention
 
-    return attention(q, k, v, gate, window=window, scale=scale)
+    return attention(q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens)
 
 
 @aha.hookimpl
@@ -43,6 +43,7 @@ def register_backends(register):
                 devices=("cuda", "cpu") if _interpreting() else ("cuda",),
                 dtypes=("float32", "float16", "bfloat16"),
                 head_dims=(16, 256),
+                seqlens=True,
                 deterministic=False,  # dq by float32 atomics unless torch.use_deterministic_algorithms(True)
             ),
             # Under the interpreter (tests) the kernels are far slower than the torch backend: serve
