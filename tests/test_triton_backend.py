@@ -355,15 +355,16 @@ def test_torch_compile_fullgraph_through_aha_attention():
 
 @pytest.mark.skipif(not _traced_by_dynamo(ops), reason="dynamo skips this checkout's path (contains 'triton/backends')")
 def test_torch_compile_fullgraph_with_cache_seqlens():
-    """The custom ops carry cache_seqlens through torch.compile. Called through ops.attention:
-    aha.attention's validation reads the lengths' values, which fullgraph cannot trace."""
+    """cache_seqlens goes through torch.compile(fullgraph=True) from aha.attention to the custom ops
+    (validation checks the lengths' values in eager calls only)."""
     q, k, v, _, dout = _inputs(2, 2, 1, 5, 17, 16, torch.float32, seed=4)
     logits = torch.randn(2, 2, 5, device=DEVICE)
     lens = torch.tensor([17, 9], dtype=torch.int32, device=DEVICE)
 
     def step(q, k, v, logits, lens):
-        return ops.attention(q, k, v, aha.route(logits), window=4, cache_seqlens=lens)
+        return aha.attention(q, k, v, aha.route(logits), window=4, cache_seqlens=lens, backend="triton")
 
+    aha.backends()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v, logits)]
     got = torch.autograd.grad(compiled(*leaves, lens), leaves, dout)

@@ -144,6 +144,8 @@ def _validate_seqlens(cache_seqlens, q, kind: str, nk: int) -> None:
         raise TypeError(f"cache_seqlens must be integers, got {dtype_name(cache_seqlens)}")
     if str(getattr(cache_seqlens, "device", "cpu")) != str(getattr(q, "device", "cpu")):
         raise ValueError(f"cache_seqlens must be on q's device {q.device}, got {cache_seqlens.device}")
+    if _is_compiling():  # reading the values would break the graph; checked in eager calls
+        return
     lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
     if lo < nq or hi > nk:
         raise ValueError(f"cache_seqlens must lie in [Nq, Nk] = [{nq}, {nk}] (each sequence holds its Nq new tokens), got values in [{lo}, {hi}]")
