@@ -72,6 +72,21 @@ def test_here_token_ignores_nan_outside_its_window_and_all_token_sees_it():
     assert not np.isfinite(out[:, 1, 2:]).any() and np.isfinite(out[:, 1, :2]).all()
 
 
+def test_here_token_gradients_ignore_nan_outside_its_window_next_to_an_all_head():
+    """A Here token's All slice holds a NaN key that its window does not: its dq stays that of clean keys."""
+    q, k, v, _, _ = _problem(4, nq=9, nk=9, soft=False)
+    gate = np.zeros((1, 2, 9))
+    gate[:, 1] = 1.0  # head 1 is All (reads the NaN at every token from 2 on), head 0 Here
+    dout = np.random.default_rng(5).standard_normal(q.shape)
+    clean = reference.attention_vjp(q, k, v, gate, 3, dout)
+    k[:, :, 2], v[:, :, 2] = np.nan, np.inf
+    dq, dk, dv, _ = reference.attention_vjp(q, k, v, gate, 3, dout)
+    np.testing.assert_array_equal(dq[:, 0, 5:], clean[0][:, 0, 5:])  # Here tokens 5.. do not read key 2
+    np.testing.assert_array_equal(dq[:, 0, :2], clean[0][:, 0, :2])
+    assert np.isnan(dq[:, 0, 2:5]).all() and np.isnan(dq[:, 1, 2:]).all()
+    assert np.isfinite(dq[:, 1, :2]).all()
+
+
 def test_window_at_least_n_makes_here_equal_all():
     q, k, v, _, _ = _problem(5)
     ones, zeros = np.ones((1, 2, 6)), np.zeros((1, 2, 6))

@@ -89,7 +89,8 @@ class _Units:
 
     The G query heads of a kv head read the same keys, so their tokens share rows and tiles:
     the tokens of a unit lie G times denser than those of one head, and a tile's positions
-    spread G times less. b, h, i, pos, valid: [B, Hkv, n] (padding rows repeat a token).
+    spread G times less. i, pos, valid: [B, Hkv, n] (padding rows repeat a token); ``flat``:
+    each row's token as an index into [B * Hq * Nq].
     """
 
     def __init__(self, rows: torch.Tensor, hkv: int, nk: int):
@@ -98,18 +99,24 @@ class _Units:
         by_position = rows.reshape(b, hkv, g, nq).transpose(2, 3).reshape(b, hkv, nq * g)  # index i * G + head
         idx, self.valid = pad_token_rows(by_position)  # (B, Hkv, n)
         self.i = idx // g
-        self.h = torch.arange(hkv)[:, None] * g + idx % g  # query head
-        self.b = torch.arange(b)[:, None, None].expand_as(idx)
+        h = torch.arange(hkv)[:, None] * g + idx % g  # query head
+        self.flat = (torch.arange(b)[:, None, None] * hq + h) * nq + self.i  # (B, Hkv, n)
         self.pos = nk - nq + self.i
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """Rows of x [B, Hq, Nq, ...] -> [B, Hkv, n, ...]."""
-        return x[self.b, self.h, self.i]
+        rows = x.reshape(-1, *x.shape[3:]).index_select(0, self.flat.flatten())  # (B * Hkv * n, ...)
+        return rows.view(*self.flat.shape, *x.shape[3:])
 
     def scatter(self, rows: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`gather` on the real rows: [B, Hkv, n, D] written into [B, Hq, Nq, D]."""
         v = self.valid
-        return into.index_put_((self.b[v], self.h[v], self.i[v]), rows[v])
+        if into.is_contiguous():
+            into.view(-1, into.shape[-1]).index_copy_(0, self.flat[v], rows[v])
+            return into
+        b, hq, nq, _ = into.shape
+        f = self.flat[v]
+        return into.index_put_((f // (hq * nq), f // nq % hq, f % nq), rows[v])
 
 
 def all_tokens_into(out, q, k, v, scale, rows):
@@ -249,10 +256,12 @@ def _min_chunk(nk: int) -> int:
 def _staircases(pos, lo, hi, width):
     """Key ranges [a, b) of at most ``width`` keys covering [lo, hi), with each range's additive mask.
 
-    pos: [1, 1, R] -> mask [1, 1, R, b - a], 0 where key <= pos, else -inf; and the rows that
-    read no key of the range ([1, 1, R] bool), whose lse must be set to -inf.
+    pos: [1, 1, R] -> mask [1, 1, R, b - a], 0 where key <= pos, else at most -1e30 (exp gives an
+    exact 0; cheaper to build than -inf); and the rows that read no key of the range ([1, 1, R]
+    bool), whose out and lse the caller must discard.
     """
+    at = pos.unsqueeze(-1).float()  # (1, 1, R, 1)
     for a in range(lo, hi, max(1, width)):
         b = min(hi, a + max(1, width))
-        read = torch.arange(a, b) <= pos.unsqueeze(-1)  # (1, 1, R, b - a)
-        yield a, b, torch.where(read, 0.0, float("-inf")), pos < a
+        behind = torch.arange(a, b, dtype=torch.float32) - at  # (1, 1, R, b - a): > 0 past the row's position
+        yield a, b, behind.clamp_(min=0).mul_(-1e30), pos < a

@@ -76,19 +76,23 @@ def branch_vjp(q, k, v, dout, window, is_all, scale):
 
     For each query row: dp = dout . v, ds = p * (dp - sum(p * dp)),
     dq = scale * ds k, dk += scale * ds q, dv += p dout.
-    Rows whose ``dout`` is exactly zero contribute nothing and are skipped.
+    A (batch, head, query) whose ``dout`` row is exactly zero contributes nothing, even
+    where its slice holds a NaN or inf (a Here token's All slice does, when the gate
+    selects Here and a non-finite key lies outside its window): selected away, not multiplied by 0.
     """
     nq, nk = q.shape[2], k.shape[2]
     dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
     for i in range(nq):
         do = dout[:, :, i]  # (B, Hq, D)
-        if not np.any(do):
+        live = np.any(do != 0, axis=-1, keepdims=True)  # (B, Hq, 1)
+        if not np.any(live):
             continue
         pos = position_offset(nq, nk) + i
         p, lo, hi = _branch_probs(q[:, :, i], k, pos, window, is_all, scale)
-        dp = np.einsum("bhd,bhjd->bhj", do, v[:, :, lo:hi])  # (B, Hq, L)
-        ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
-        dq[:, :, i] = scale * np.einsum("bhj,bhjd->bhd", ds, k[:, :, lo:hi])
+        p = np.where(live, p, 0.0)  # (B, Hq, L)
+        dp = np.einsum("bhd,bhjd->bhj", do, v[:, :, lo:hi])
+        ds = np.where(live, p * (dp - np.sum(p * dp, axis=-1, keepdims=True)), 0.0)
+        dq[:, :, i] = np.where(live, scale * np.einsum("bhj,bhjd->bhd", ds, k[:, :, lo:hi]), 0.0)
         dk[:, :, lo:hi] += scale * np.einsum("bhj,bhd->bhjd", ds, q[:, :, i])
         dv[:, :, lo:hi] += np.einsum("bhj,bhd->bhjd", p, do)
     return dq, dk, dv
