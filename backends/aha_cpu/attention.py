@@ -11,7 +11,12 @@ Two paths share one entry point:
   comes from the two saved outputs. The backward of each branch skips the rows
   whose gradient is zero (dAll = gate * dout, dHere = (1 - gate) * dout).
 
-Everything runs in float32; the output has q's dtype. Keys or values that are
+A decode step or short chunk (at most :data:`aha.decode.MAX_QUERIES` queries, a hard gate,
+no grad) goes to :func:`aha.decode.routed_decode` instead, with ``cache_seqlens`` if given:
+each Here token over its gathered window, each (batch, kv head) holding an All token over
+a view of its cache; the cache is never copied or converted.
+
+Everything else runs in float32; the output has q's dtype. Keys or values that are
 not finite reach only the rows that read them (see :mod:`aha_cpu.finite`).
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from aha.decode import handles, routed_decode
 from aha.torch_ops import is_hard_gate, mix
 from aha_cpu.causal import AllBranch, all_tokens_into
 from aha_cpu.finite import repair, split_finite
@@ -30,8 +36,12 @@ DENSE_SHARE = 0.6  # routed: above this share of All tokens, All runs for every 
 def attention(q, k, v, gate, *, window, scale=None, cache_seqlens=None):
     """q: [B, Hq, Nq, D], k, v: [B, Hkv, Nk, D], gate: [B, Hq, Nq] -> [B, Hq, Nq, D].
 
-    cache_seqlens [B]: sequence b reads k[b, :, :cache_seqlens[b]] only; one call per sequence.
+    cache_seqlens [B]: sequence b reads k[b, :, :cache_seqlens[b]] only. Decoding (see
+    :func:`aha.decode.handles`) serves the whole batch at once; otherwise (a soft gate, grad,
+    more queries) there is one call per sequence.
     """
+    if handles(q, k, v, gate):
+        return routed_decode(q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens)
     if cache_seqlens is not None:
         parts = [
             attention(
