@@ -108,11 +108,14 @@ def test_bfloat16(backend):
     np.testing.assert_allclose(_np(out), want, atol=2e-2, rtol=2e-2)
 
 
-def test_query_layout_of_a_model(monkeypatch):
-    """q as a model makes it ([B, N, H, D] transposed: not contiguous) gives the same result."""
+def test_layout_of_a_model():
+    """q, k, v as a model may make them ([B, N, H, D] transposed: not contiguous) give the same result."""
     q, k, v, g = _problem(2, 4, 2, 3, 30, seed=6)
-    strided = q.transpose(1, 2).contiguous().transpose(1, 2)
-    torch.testing.assert_close(decode.routed_decode(strided, k, v, g, window=4), decode.routed_decode(q, k, v, g, window=4))
+    lens = torch.tensor([30, 9])
+    want = decode.routed_decode(q, k, v, g, window=4, cache_seqlens=lens)
+    strided = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]
+    assert not any(x.is_contiguous() for x in strided)
+    torch.testing.assert_close(decode.routed_decode(*strided, g, window=4, cache_seqlens=lens), want)
 
 
 def test_all_reads_views_of_the_cache(monkeypatch):

@@ -89,12 +89,7 @@ def _here_chunk(q, k, v, pos, w: int, scale: float) -> torch.Tensor:
     ct = torch.promote_types(q.dtype, torch.float32)
     kpos = pos[:, :, None] - (w - 1) + torch.arange(w, device=q.device)  # (B, Nq, w), oldest first
     valid = kpos >= 0
-    at = (
-        torch.arange(bsz, device=q.device)[:, None, None, None],
-        torch.arange(hkv, device=q.device)[None, :, None, None],
-        kpos.clamp_min(0)[:, None],
-    )
-    kg, vg = k[at].to(ct), v[at].to(ct)  # (B, Hkv, Nq, w, D): copies of the windows only
+    kg, vg = _gather_windows(k, kpos.clamp_min(0)).to(ct), _gather_windows(v, kpos.clamp_min(0)).to(ct)
     qg = q.reshape(bsz, hkv, hq // hkv, nq, d).transpose(2, 3).to(ct)  # (B, Hkv, Nq, G, D)
     clipped = not bool(valid.all())  # windows reaching before key 0
     if clipped:  # zero those slots: a masked key still enters p @ V as 0 * v, and 0 * NaN is NaN
@@ -105,6 +100,17 @@ def _here_chunk(q, k, v, pos, w: int, scale: float) -> torch.Tensor:
         scores.masked_fill_(~valid[:, None, :, None, :], float("-inf"))
     out = torch.matmul(torch.softmax(scores, -1), vg)  # (B, Hkv, Nq, G, D)
     return out.transpose(2, 3).reshape(bsz, hq, nq, d).to(q.dtype)
+
+
+def _gather_windows(x, kpos) -> torch.Tensor:
+    """Rows kpos [B, Nq, w] of x [B, Hkv, Nk, D], for every kv head -> [B, Hkv, Nq, w, D] (a copy)."""
+    bsz, hkv, nk, d = x.shape
+    b = torch.arange(bsz, device=x.device)[:, None, None, None]
+    h = torch.arange(hkv, device=x.device)[None, :, None, None]
+    if not x.is_contiguous():
+        return x[b, h, kpos[:, None]]
+    at = (b * hkv + h) * nk + kpos[:, None]  # (B, Hkv, Nq, w): rows of x.view(-1, D)
+    return x.view(-1, d).index_select(0, at.reshape(-1)).view(*at.shape, d)  # whole rows: faster than x[b, h, kpos]
 
 
 def all_groups(out, q, k, v, is_all, lens, scale: float) -> None:
