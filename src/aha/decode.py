@@ -50,7 +50,8 @@ def routed_decode(q, k, v, gate, *, window: int, scale: float | None = None, cac
 
     q: [B, Hq, Nq, D]; k, v: [B, Hkv, Nk, D]; gate: [B, Hq, Nq] bool or exactly 0/1;
     cache_seqlens: [B] ints or None (every sequence holds Nk keys). Returns [B, Hq, Nq, D]
-    in q's dtype. Meant for small Nq (see `handles`); correct for any Nq.
+    in q's dtype. Meant for small Nq (see `handles`); correct for any Nq. Unless every token
+    is All, Here runs for every token (O(window) each) and the All rows then overwrite theirs.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     nq, nk = q.shape[2], k.shape[2]
@@ -73,7 +74,7 @@ def here_windows(q, k, v, pos, window: int, scale: float) -> torch.Tensor:
     """
     bsz, hq, nq, d = q.shape
     hkv = k.shape[1]
-    w = min(window, int(pos.max()) + 1)  # no window reaches before key 0 by more than this
+    w = min(window, int(pos.max()) + 1)  # a longer window reads no more keys than the longest prefix
     step = max(1, _GATHER_ELEMENTS // (hkv * nq * w * d))
     parts = [
         _here_chunk(q[s : s + step], k[s : s + step], v[s : s + step], pos[s : s + step], w, scale)
