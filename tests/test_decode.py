@@ -162,3 +162,22 @@ def test_soft_gate_with_cache_seqlens_keeps_the_loop(monkeypatch, backend):
     want = reference.attention(_np(q), _np(k), _np(v), _np(g), 4, cache_seqlens=lens.tolist())
     np.testing.assert_allclose(_np(out), want, atol=2e-6, rtol=1e-5)
     assert calls == []
+
+
+def test_cpu_decode_on_the_worker_pool_matches_one_thread():
+    """With two workers the cpu backend runs the Here job and each All group on its pool:
+    two calls agree bitwise, and one thread agrees closely."""
+    q, k, v, g = _problem(3, 8, 2, 2, 300, seed=10)
+    lens = torch.tensor([300, 120, 7])
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (2, 2, 1):
+            torch.set_num_threads(n)
+            outs.append(aha.attention(q, k, v, g, window=16, cache_seqlens=lens, backend="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], outs[2], rtol=1e-5, atol=1e-6)
+    want = reference.attention(_np(q), _np(k), _np(v), _np(g), 16, cache_seqlens=lens.tolist())
+    np.testing.assert_allclose(_np(outs[0]), want, atol=2e-6, rtol=1e-5)

@@ -45,24 +45,32 @@ def handles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tenso
     return is_hard_gate(gate)
 
 
-def routed_decode(q, k, v, gate, *, window: int, scale: float | None = None, cache_seqlens=None) -> torch.Tensor:
+def routed_decode(
+    q, k, v, gate, *, window: int, scale: float | None = None, cache_seqlens=None, run=None
+) -> torch.Tensor:
     """AHA for a hard gate: Here tokens over their window, All tokens over their whole prefix.
 
     q: [B, Hq, Nq, D]; k, v: [B, Hkv, Nk, D]; gate: [B, Hq, Nq] bool or exactly 0/1;
     cache_seqlens: [B] ints or None (every sequence holds Nk keys). Returns [B, Hq, Nq, D]
     in q's dtype. Meant for small Nq (see `handles`); correct for any Nq. Unless every token
     is All, Here runs for every token (O(window) each) and the All rows then overwrite theirs.
+
+    The work is a list of independent jobs (one per All group, then Here); ``run(jobs)``
+    returns their results in order, e.g. from a thread pool. By default they run in turn.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     nq, nk = q.shape[2], k.shape[2]
     lens = torch.full((q.shape[0],), nk, device=q.device) if cache_seqlens is None else cache_seqlens.long()
     pos = lens[:, None] - nq + torch.arange(nq, device=q.device)  # (B, Nq)
     is_all = gate.bool()
-    if bool(is_all.all()):
-        out = q.new_empty(q.shape)  # contiguous, whatever q's strides
-    else:
-        out = here_windows(q, k, v, pos, window, scale)
-    all_groups(out, q, k, v, is_all, lens, scale)
+    jobs = all_groups(q, k, v, is_all, lens, scale)
+    every_all = bool(is_all.all())
+    if not every_all:
+        jobs.append(lambda: here_windows(q, k, v, pos, window, scale))
+    results = run(jobs) if run is not None else [job() for job in jobs]
+    out = q.new_empty(q.shape) if every_all else results.pop()  # contiguous, whatever q's strides
+    for at, rows in results:
+        out[at] = rows  # All rows overwrite their Here rows
     return out
 
 
@@ -114,24 +122,23 @@ def _gather_windows(x, kpos) -> torch.Tensor:
     return x.view(-1, d).index_select(0, at.reshape(-1)).view(*at.shape, d)  # whole rows: faster than x[b, h, kpos]
 
 
-def all_groups(out, q, k, v, is_all, lens, scale: float) -> None:
-    """All attention of the tokens in is_all [B, Hq, Nq], written into out [B, Hq, Nq, D] in place.
+def all_groups(q, k, v, is_all, lens, scale: float) -> list:
+    """All attention of the tokens in is_all [B, Hq, Nq]: one job per group that holds one.
 
     The All tokens of the G query heads sharing a kv head are compacted into one group of
-    rows; only groups holding an All token run, each one SDPA call against the view
-    ``k[b, h, :L_b]`` (lens: [B]). No mask when Nq == 1: every query sits at L_b - 1.
+    rows; each group is one SDPA call against the view ``k[b, h, :L_b]`` (lens: [B]), with
+    no mask when Nq == 1 (every query sits at L_b - 1). A job returns ((b, query heads,
+    positions), rows [n, D]): where its n rows go in a [B, Hq, Nq, D] output.
     """
     bsz, hq, nq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
     idx, valid = pad_token_rows(is_all.reshape(bsz, hkv, g * nq))  # (B, Hkv, n): row = hl * Nq + i
     count = valid.sum(-1)  # (B, Hkv)
-    groups = count.nonzero().tolist()
-    if not groups:
-        return
     n_of, len_of = count.tolist(), lens.tolist()
     qf = q.reshape(bsz, hkv, g * nq, d)
-    for b, h in groups:
+
+    def group(b: int, h: int):
         rows = idx[b, h, : n_of[b][h]]  # (n,)
         length = len_of[b]
         mask = None
@@ -139,4 +146,6 @@ def all_groups(out, q, k, v, is_all, lens, scale: float) -> None:
             mask = torch.arange(length, device=q.device) <= (length - nq + rows % nq)[:, None]  # (n, L_b)
         kr, vr = k[b, h, :length][None, None], v[b, h, :length][None, None]  # (1, 1, L_b, D), views
         o = F.scaled_dot_product_attention(qf[b, h, rows][None, None], kr, vr, attn_mask=mask, scale=scale)
-        out[b, h * g + rows // nq, rows % nq] = o[0, 0]  # (n, D) into their (query head, position)
+        return (b, h * g + rows // nq, rows % nq), o[0, 0]  # (n, D)
+
+    return [lambda b=b, h=h: group(b, h) for b, h in count.nonzero().tolist()]
