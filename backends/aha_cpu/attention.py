@@ -11,7 +11,13 @@ Two paths share one entry point:
   comes from the two saved outputs. The backward of each branch skips the rows
   whose gradient is zero (dAll = gate * dout, dHere = (1 - gate) * dout).
 
-Everything runs in float32; the output has q's dtype. Keys or values that are
+A decode step or short chunk (at most :data:`aha.decode.MAX_QUERIES` queries, a hard gate,
+no grad) goes to :func:`aha.decode.routed_decode` instead, with ``cache_seqlens`` if given:
+each Here token over its gathered window, each (batch, kv head) holding an All token over
+a view of its cache; the cache is never copied or converted. Its jobs (Here, and each All
+group) run on the worker pool of :mod:`aha_cpu.threads`, one intra-op thread each.
+
+Everything else runs in float32; the output has q's dtype. Keys or values that are
 not finite reach only the rows that read them (see :mod:`aha_cpu.finite`).
 """
 
@@ -19,10 +25,12 @@ from __future__ import annotations
 
 import torch
 
+from aha.decode import handles, routed_decode
 from aha.torch_ops import is_hard_gate, mix
 from aha_cpu.causal import AllBranch, all_tokens_into
 from aha_cpu.finite import repair, split_finite
 from aha_cpu.here import HereBranch
+from aha_cpu.threads import parallel
 
 DENSE_SHARE = 0.6  # routed: above this share of All tokens, All runs for every query at once
 
@@ -30,8 +38,12 @@ DENSE_SHARE = 0.6  # routed: above this share of All tokens, All runs for every 
 def attention(q, k, v, gate, *, window, scale=None, cache_seqlens=None):
     """q: [B, Hq, Nq, D], k, v: [B, Hkv, Nk, D], gate: [B, Hq, Nq] -> [B, Hq, Nq, D].
 
-    cache_seqlens [B]: sequence b reads k[b, :, :cache_seqlens[b]] only; one call per sequence.
+    cache_seqlens [B]: sequence b reads k[b, :, :cache_seqlens[b]] only. Decoding (see
+    :func:`aha.decode.handles`) serves the whole batch at once; otherwise (a soft gate, grad,
+    more queries) there is one call per sequence.
     """
+    if handles(q, k, v, gate):
+        return routed_decode(q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens, run=_in_pool)
     if cache_seqlens is not None:
         parts = [
             attention(
@@ -59,6 +71,11 @@ def attention(q, k, v, gate, *, window, scale=None, cache_seqlens=None):
         out_here = repair(out_here, q, k, v, bad, window, scale)
     g = gate if gate.dtype == torch.bool else gate.float()
     return mix(g, out_all, out_here).to(dtype)
+
+
+def _in_pool(jobs) -> list:
+    """Run the decode jobs on the worker pool: groups in parallel, and no barrier per small op."""
+    return parallel(lambda job, worker: job(), jobs)
 
 
 def _routed(q, k, v, is_all, window, scale):

@@ -1,7 +1,9 @@
 """AHA built on torch.nn.functional.scaled_dot_product_attention.
 
-Two paths share one entry point:
+Three paths share one entry point:
 
+* decode (at most :data:`aha.decode.MAX_QUERIES` queries, a hard gate, no grad):
+  :func:`aha.decode.routed_decode`, also for a batch with ``cache_seqlens``.
 * routed (a hard gate that needs no grad): All only for the tokens routed All,
   compacted per (batch, head), and the Here branch, whose cost is O(window) a
   token. The work follows the routing.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from aha.decode import handles, routed_decode
 from aha.torch_ops import all_mask, is_hard_gate, mix, pad_token_rows, tokens_where, window_key_positions
 from aha.window import position_offset
 
@@ -32,6 +35,8 @@ def aha_sdpa(q, k, v, gate, *, window, scale=None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not gate.requires_grad and bool((gate == 1).all()):
         return _all_dense(q, k, v, scale)  # every token All (as AHAAttention passes when the window holds every key)
+    if handles(q, k, v, gate):
+        return routed_decode(q, k, v, gate, window=window, scale=scale)
     out_here = _here(q, k, v, window, scale)
     if not gate.requires_grad and is_hard_gate(gate):
         all_idx, all_out = _all_tokens(q, k, v, gate.bool(), scale)
@@ -40,7 +45,13 @@ def aha_sdpa(q, k, v, gate, *, window, scale=None):
 
 
 def aha_sdpa_seqlens(q, k, v, gate, *, window, scale=None, cache_seqlens):
-    """Sequences of different cache lengths: each attends to k[b, :, :cache_seqlens[b]] only."""
+    """Sequences of different cache lengths: each attends to k[b, :, :cache_seqlens[b]] only.
+
+    Decoding (see :func:`aha.decode.handles`) serves the whole batch at once; otherwise (a soft
+    gate, grad, more queries) there is one call per sequence.
+    """
+    if handles(q, k, v, gate):
+        return routed_decode(q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens)
     outs = [
         aha_sdpa(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], gate[b : b + 1], window=window, scale=scale)
         for b, n in enumerate(cache_seqlens.tolist())

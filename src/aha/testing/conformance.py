@@ -236,6 +236,24 @@ def test_prefill_then_decode_equals_one_full_pass(aha_backend, data):
     torch.testing.assert_close(torch.cat(rows, dim=2), full, rtol=tol, atol=tol)
 
 
+def _check_cache_seqlens(be, case, inp, lens):
+    """Forward with cache_seqlens = lens and NaN / inf past each L_b, checked against the reference.
+
+    Returns (out, k, v, seqlens): the output and the poisoned keys, values and lengths.
+    """
+    k, v = inp.k.clone(), inp.v.clone()
+    for b, n in enumerate(lens):
+        k[b, :, n:], v[b, :, n:] = float("nan"), float("inf")
+    seqlens = torch.tensor(lens, device=inp.q.device)
+    out = aha.attention(inp.q, k, v, inp.gate, window=case.window, cache_seqlens=seqlens, backend=be.name)
+    ref = reference.attention(to_np(inp.q), to_np(k), to_np(v), to_np(inp.gate), case.window, cache_seqlens=lens)
+    base = None
+    if case.dtype in ("float16", "bfloat16"):
+        base = torch.cat([eager_attention(inp.q[b : b + 1], inp.k[b : b + 1, :, :n], inp.v[b : b + 1, :, :n], inp.gate[b : b + 1], case.window) for b, n in enumerate(lens)])
+    assert_close("out", out, ref, case.dtype, baseline=base)
+    return out, k, v, seqlens
+
+
 @given(data=st.data())
 def test_cache_seqlens_read_only_each_sequence_s_keys(aha_backend, data):
     """With cache_seqlens, sequence b reads k[b, :, :L_b] only: NaN past it changes nothing."""
@@ -245,13 +263,28 @@ def test_cache_seqlens_read_only_each_sequence_s_keys(aha_backend, data):
     case = replace(case, B=max(case.B, 2))
     inp = make_inputs(case, aha_backend.device)
     lens = [data.draw(st.integers(case.Nq, case.Nk), label=f"len{b}") for b in range(case.B)]
-    k, v = inp.k.clone(), inp.v.clone()
-    for b, n in enumerate(lens):
-        k[b, :, n:], v[b, :, n:] = float("nan"), float("nan")
-    seqlens = torch.tensor(lens, device=inp.q.device)
-    out = aha.attention(inp.q, k, v, inp.gate, window=case.window, cache_seqlens=seqlens, backend=aha_backend.name)
-    ref = reference.attention(to_np(inp.q), to_np(k), to_np(v), to_np(inp.gate), case.window, cache_seqlens=lens)
-    base = None
-    if case.dtype in ("float16", "bfloat16"):
-        base = torch.cat([eager_attention(inp.q[b : b + 1], inp.k[b : b + 1, :, :n], inp.v[b : b + 1, :, :n], inp.gate[b : b + 1], case.window) for b, n in enumerate(lens)])
-    assert_close("out", out, ref, case.dtype, baseline=base)
+    _check_cache_seqlens(aha_backend, case, inp, lens)
+
+
+@given(data=st.data())
+def test_decode_steps_with_cache_seqlens(aha_backend, data):
+    """A batch of few new queries (decode, 1..8) against caches of different lengths, hard gates.
+
+    NaN past each L_b is never read; a NaN key below every Here window reaches no Here token.
+    """
+    if not (aha_backend.caps.seqlens and aha_backend.caps.cross):
+        return
+    case = _draw(aha_backend, data, gates=("here", "random", "all"))
+    nq = data.draw(st.integers(1, min(8, case.Nk)), label="Nq")
+    case = replace(case, B=data.draw(st.integers(2, 4), label="B"), Nq=nq)
+    inp = make_inputs(case, aha_backend.device)
+    lens = [data.draw(st.integers(nq, case.Nk), label=f"len{b}") for b in range(case.B)]
+    out, k, v, seqlens = _check_cache_seqlens(aha_backend, case, inp, lens)
+    below = min(lens) - nq - case.window + 1  # keys [0, below) lie below every Here window
+    if below > 0:
+        k[:, :, data.draw(st.integers(0, below - 1), label="poisoned key")] = float("nan")
+        here = inp.gate == 0
+        out1 = aha.attention(inp.q, k, v, inp.gate, window=case.window, cache_seqlens=seqlens, backend=aha_backend.name)
+        assert torch.isfinite(out1[here]).all(), "a Here token read a key below its window"
+        tol = _LOCALITY_TOL[case.dtype]
+        torch.testing.assert_close(out1[here], out[here], rtol=tol, atol=tol)
