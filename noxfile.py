@@ -61,10 +61,12 @@ def bench(session):
 
 @nox.session(python=PY)
 def gpu(session):
-    """On an NVIDIA GPU machine: CUDA tests, triton conformance and the GPU benchmark, into one JSON."""
+    """On an NVIDIA GPU machine: CUDA tests, triton conformance, the GPU benchmark and the decode benchmark."""
     session.install("torch", "triton")
     session.install("-e", ".[testing,triton]")
     session.run("python", "benchmarks/gpu.py", "--out", "benchmarks/results/gpu.json", *session.posargs)
+    # Decode steps on the GPU (issue 6): writes docs/benchmarks-decode-gpu.md, to be added to mkdocs.yml's nav.
+    session.run("python", "benchmarks/decode.py", "--device", "cuda", "--out", "benchmarks/results/decode-cuda.json")
 
 
 @nox.session(python=PY)
