@@ -181,3 +181,15 @@ def test_cpu_decode_on_the_worker_pool_matches_one_thread():
     torch.testing.assert_close(outs[0], outs[2], rtol=1e-5, atol=1e-6)
     want = reference.attention(_np(q), _np(k), _np(v), _np(g), 16, cache_seqlens=lens.tolist())
     np.testing.assert_allclose(_np(outs[0]), want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nq", [1, 3])
+def test_every_gate_all_is_one_causal_call(monkeypatch, backend, nq):
+    """Every token All, one cache length: plain causal attention in one call, no per-group loop."""
+    q, k, v, g = _problem(2, 6, 2, nq, 33, gate="all", seed=7)
+    monkeypatch.setattr(decode, "all_groups", lambda *a: pytest.fail("every token All needs no groups"))
+    out = aha.attention(q, k, v, g, window=4, backend=backend)
+    want = reference.attention(_np(q), _np(k), _np(v), _np(g), 4)
+    assert out.dtype == q.dtype
+    np.testing.assert_allclose(_np(out), want, atol=2e-6, rtol=1e-5)

@@ -99,7 +99,7 @@ def _all_dense(q, k, v, scale):
     gqa = q.shape[1] != k.shape[1]
     if nq == nk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    mask = all_mask(nq, nk, q.device)
+    mask = None if nq == 1 else all_mask(nq, nk, q.device)  # a decode step reads every key: no mask, fused kernel
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
