@@ -155,11 +155,28 @@ def test_padding_is_refused_and_a_mask_of_ones_is_accepted():
     model, x = faolmo(window=3), ids()
     torch.testing.assert_close(logits(model, x, attention_mask=torch.ones_like(x)), logits(model, x))
     padded = torch.ones_like(x)
-    padded[0, :3] = 0
-    with pytest.raises(ValueError, match="padding"):
-        model(x, attention_mask=padded)
+    padded[0, :3] = 0  # left padding
+    with pytest.raises(ValueError, match="left padding"):
+        model(x, attention_mask=padded, use_cache=False)
+    right = torch.ones_like(x)
+    right[0, -3:] = 0
+    with pytest.raises(ValueError, match="use_cache"):
+        model(x, attention_mask=right, use_cache=True)
     with pytest.raises(ValueError, match="attention_mask"):
         model(x, attention_mask=torch.ones(2, 1, 16, 16))
+
+
+def test_right_padding_without_cache_gives_each_sequence_its_own_logits():
+    """Sequences of lengths 16 and 11 in one right-padded batch: the real tokens' logits are those
+    of each sequence run alone (causal attention never reads the later pads)."""
+    model, x = faolmo(window=3), ids()
+    mask = torch.ones_like(x)
+    mask[1, 11:] = 0
+    with torch.no_grad():
+        got = model(x, attention_mask=mask, use_cache=False).logits
+        alone = model(x[1:, :11], use_cache=False).logits
+    torch.testing.assert_close(got[1, :11], alone[0])
+    torch.testing.assert_close(got[0], logits(model, x)[0])
 
 
 def _base(family: str):

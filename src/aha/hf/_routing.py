@@ -75,7 +75,13 @@ def route_attention(model: nn.Module, family: str) -> None:
 
 
 def reject_padding(module, args, kwargs) -> None:
-    """Forward pre-hook of the base model: only unpadded batches (a mask of ones, or none)."""
+    """Forward pre-hook of the base model: a mask of ones, none, or right padding without a cache.
+
+    Right padding (each row ones, then zeros) is exact for the real tokens: causal attention never
+    reads a later key, so no real token reads a pad. A cache would keep the pads as keys of the
+    next step, so right padding needs ``use_cache=False``. Left padding (what ``generate()`` uses)
+    and holes are refused: Here windows and All prefixes would count the pads.
+    """
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     if mask is None:
         return
@@ -84,11 +90,19 @@ def reject_padding(module, args, kwargs) -> None:
             "attention_mask: AHA models take a 2-D [batch, length] mask of ones or None "
             f"(got {type(mask).__name__} of shape {tuple(getattr(mask, 'shape', ()))})"
         )
-    if not bool(mask.bool().all()):
-        raise ValueError(
-            "attention_mask: AHA models do not support padding yet; pass batches whose sequences all have the "
-            "same length (attention_mask all ones, or None), or run the sequences one at a time"
-        )
+    keep = mask.bool()
+    if bool(keep.all()):
+        return
+    right_padded = bool((keep[:, 1:] <= keep[:, :-1]).all())  # (B, L - 1): no 1 after a 0
+    use_cache = kwargs.get("use_cache")
+    use_cache = getattr(module.config, "use_cache", False) if use_cache is None else use_cache
+    if right_padded and not use_cache:
+        return
+    raise ValueError(
+        "attention_mask: AHA models take padding only on the right and with use_cache=False "
+        f"({'right padding, but use_cache is on' if right_padded else 'left padding or holes'}); "
+        "otherwise pass batches whose sequences all have the same length, or run them one at a time"
+    )
 
 
 class RoutedCausalLM:
