@@ -247,3 +247,20 @@ def test_config_checks_its_sweeps():
     with pytest.raises(ValueError, match="windows"):
         replace(QUICK, sweeps=(Sweep("paper", 3e-4, (QUICK.model.context,)),))
     assert QUICK.windows == sorted({w for s in QUICK.sweeps for w in s.windows})
+
+
+def test_committed_results_page_is_rendered_from_its_json():
+    """docs/results.md is exactly what docs/results/results.json renders to: no hand edits, no stale page."""
+    from pathlib import Path
+
+    from aha.experiments.page import render
+    from aha.experiments.report import PLOTS
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    if not (docs / "results" / "results.json").is_file():
+        pytest.skip("no committed results")
+    result = json.loads((docs / "results" / "results.json").read_text())
+    assert (docs / "results.md").read_text() == render(result, "results"), (
+        "docs/results.md is stale: run `python -m aha.experiments report`"
+    )
+    assert all((docs / "results" / name).is_file() for name in PLOTS.values())

@@ -70,10 +70,21 @@ def _loss_table(result: dict) -> list[str]:
                 f"{fmt(r['heldout_loss'] - base, 4)} | {fmt(r['here_only_loss'] - base, 4)} | "
                 f"{fmt(g['all_share_beyond_window'])} | {fmt(g['all_share'])} | {fmt(1 - g['all_share_beyond_window'])} |"
             )
-    rows += ["", "Sliding window only (the pretrained weights with every gate Here, no fine-tuning), Δ vs full:", ""]
+    rows += [
+        "",
+        "Sliding window only: the pretrained weights with every gate Here, no fine-tuning, Δ against the same "
+        "weights with full attention (the pretrained row above). How much this model needs context beyond each "
+        "window, before any router is trained:",
+        "",
+    ]
     ws = result["meta"]["config"]["windows"]
     rows += ["| window | " + " | ".join(str(w) for w in ws) + " |", "| --- |" + " ---: |" * len(ws)]
-    rows += ["| Δ loss | " + " | ".join(fmt(result["full"]["here_only_loss"][str(w)] - base, 4) for w in ws) + " |", ""]
+    rows += [
+        "| Δ loss | "
+        + " | ".join(fmt(result["full"]["here_only_loss"][str(w)] - result["full"]["heldout_loss"], 4) for w in ws)
+        + " |",
+        "",
+    ]
     rows += [f"![All share and loss by window]({{out}}/{PLOTS['curve']})", ""]
     return rows
 
@@ -150,6 +161,11 @@ def _passkey(result: dict) -> list[str]:
     return rows + [f"![Passkey probe]({{out}}/{PLOTS['passkey']})", ""]
 
 
+def _mostly_all(run: dict) -> set[tuple[int, int]]:
+    """(layer, head) of the heads whose All share (positions >= window) is above one half."""
+    return {(i, j) for i, line in enumerate(run["gates"]["per_head"]) for j, v in enumerate(line) if v > 0.5}
+
+
 def _trend(shares: list[float]) -> str:
     change = shares[-1] - shares[0]
     if change > 0.05:
@@ -157,7 +173,7 @@ def _trend(shares: list[float]) -> str:
     if change >= -0.05:
         return "stays about flat across windows: no long tail shows here"
     if all(a >= b for a, b in zip(shares, shares[1:])):
-        return "falls at every step as the window grows, the paper's long tail"
+        return "falls at every step as the window grows"
     return "falls from the smallest to the largest window, though not at every step"
 
 
@@ -172,6 +188,20 @@ def _comparison(result: dict) -> list[str]:
         "window grows (a long tail of context dependency); a few heads stay mostly All.",
         "",
     ]
+    ws = result["meta"]["config"]["windows"]
+    need = [result["full"]["here_only_loss"][str(w)] - result["full"]["heldout_loss"] for w in ws]
+    ratios = [a / b for a, b in zip(need, need[1:]) if b > 0]
+    shape = (
+        f"each doubling of the window divides it by {min(ratios):.1f} to {max(ratios):.1f}: a long tail of "
+        "context dependency, as the paper finds"
+        if ratios and min(ratios) > 1
+        else "it does not fall with every doubling of the window"
+    )
+    rows.append(
+        "* **Need for context beyond the window.** Every gate forced Here on the pretrained model costs "
+        + ", ".join(f"{w}: {d:+.4f}" for w, d in zip(ws, need))
+        + f" nats/byte; {shape}."
+    )
     for kind in ("paper", "extra"):
         runs = sweeps.get(kind)
         if not runs:
@@ -202,13 +232,24 @@ def _comparison(result: dict) -> list[str]:
                     "so at this scale the paper's λ does next to nothing by itself: the move away from All comes from "
                     "the language-model gradient through the straight-through gate."
                     if abs(none - lam) < 0.05
-                    else f"the sparsity term accounts for {none - lam:+.3f} of All share beyond what the "
+                    else f"the sparsity term takes {none - lam:.3f} off the All share, beyond what the "
                     "language-model gradient through the straight-through gate does by itself."
                 )
                 rows.append(
                     f"* **What the sparsity term does.** At window {r['window']}, fine-tuning without it (λ = 0) ends "
                     f"at an All share of {none:.3f}, with the paper's λ at {lam:.3f}; {tail}"
                 )
+    for kind, runs in sweeps.items():
+        sets = [_mostly_all(r) for r in runs]
+        kept = set.intersection(*[x for x in sets if x]) if any(sets) else set()
+        if kept and sum(1 for x in sets if x) > 1:
+            windows = [str(r["window"]) for r, x in zip(runs, sets) if x]
+            rows.append(
+                f"* **The heads that stay All, {_label(result, kind)}**: "
+                + ", ".join(f"L{i}H{j}" for i, j in sorted(kept))
+                + f" {'is' if len(kept) == 1 else 'are'} mostly All at every window where any head is "
+                f"({', '.join(windows)})."
+            )
     if "paper" in sweeps:
         last = sweeps["paper"][-1]
         heads = [v for line in last["gates"]["per_head"] for v in line]
@@ -232,6 +273,14 @@ def _comparison(result: dict) -> list[str]:
             f"* **Passkey {title}.** The full-attention control puts {acc:.2f} of the digits first ({guess:.2f} "
             f"with no key planted, chance 0.10); {verdict}"
         )
+        for kind, runs in sweeps.items():
+            p = runs[0][name]
+            rows.append(
+                f"    * With {_label(result, kind)} at window {runs[0]['window']} the router is All at the query "
+                f"positions for {_mean(p['query_all_share']):.3f} of the decisions with the key planted, "
+                f"{_mean(p['query_all_share_control']):.3f} with none planted, {_mean(p['elsewhere_all_share']):.3f} "
+                "elsewhere."
+            )
     return rows + [""]
 
 
@@ -239,9 +288,9 @@ _INTRO = """# Results: how much global attention does a small language model nee
 
 A small-scale reproduction of the paper's measurements (Luo, Zhang, Yan, arXiv 2512.22562) with
 `aha`: a byte-level decoder trained on Python source with full attention, then fine-tuned with an
-All-or-Here router in every head at several windows. It runs on a 2-core CPU; the model has about a
-millionth of the parameters of the paper's OLMo-2 and a context of hundreds of bytes, not thousands of
-tokens, so read it as a test of the shape of the findings, not of their numbers.
+All-or-Here router in every head at several windows. It runs on a 2-core CPU; the model is thousands of
+times smaller than the paper's OLMo-2 and its context is hundreds of bytes, not thousands of tokens, so
+read it as a test of the shape of the findings, not of their numbers.
 
 This page, the plots and `{out}/results.json` (every raw number) are written by
 `python -m aha.experiments reproduce`; `python -m aha.experiments report` redraws them from the JSON.
@@ -249,7 +298,30 @@ Do not edit them by hand.
 """
 
 
+_CAVEATS = """## How this setting differs from the paper's
+
+* **Scale.** The model and its pretraining are tiny (see the setup); the paper fine-tunes OLMo-2, with a
+  billion parameters and more and trillions of tokens of pretraining. A small model probably uses less
+  long-range context, and so needs All less to begin with.
+* **Bytes, not tokens.** Windows here count bytes; a BPE token is about four bytes of English or code, so a
+  window of 256 bytes holds about as much text as 64 tokens, and the whole context of 512 bytes about 128.
+* **Fine-tuning length and router learning rate.** Each fine-tune is short, with the routers at a larger
+  learning rate than the rest so that they move at all in that time (see the setup); the paper fine-tunes
+  far longer. The training plot shows whether the All share had levelled off.
+* **Router start.** The routers carry a bias that starts every gate All (as `aha.hf.add_router` does); the
+  paper's released router has no bias.
+"""
+
+
 def render(result: dict, out: str) -> str:
     """The page; ``out`` is the directory of the plots relative to the page."""
-    parts = [_INTRO, *_setup(result), *_loss_table(result), *_heads(result), *_passkey(result), *_comparison(result)]
+    parts = [
+        _INTRO,
+        *_setup(result),
+        *_loss_table(result),
+        *_heads(result),
+        *_passkey(result),
+        *_comparison(result),
+        _CAVEATS,
+    ]
     return "\n".join(parts).replace("{out}", out)

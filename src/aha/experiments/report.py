@@ -83,10 +83,10 @@ def plot_curve(result: dict, path: Path) -> None:
     ws = result["meta"]["config"]["windows"]
     bx.plot(
         ws,
-        [result["full"]["here_only_loss"][str(w)] - base for w in ws],
+        [result["full"]["here_only_loss"][str(w)] - result["full"]["heldout_loss"] for w in ws],
         "x:",
         color="grey",
-        label="pretrained, sliding window only",
+        label="pretrained, every gate Here (vs pretrained)",
     )
     ax.plot([PAPER["window"]], [1 - PAPER["here_share"]], "k*", ms=12, label="paper (OLMo-2), window 256")
     ax.set(
