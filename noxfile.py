@@ -20,7 +20,7 @@ def _install(session, extras="testing"):
 @nox.session(python=PY)
 def tests(session):
     """The whole test suite, conformance for every backend included (CI)."""
-    _install(session, "testing,hf,triton")
+    _install(session, "testing,hf,triton,experiments")
     session.env.setdefault("TRITON_INTERPRET", "1")
     session.run("pytest", "-q", "-ra", "--hypothesis-profile=ci", *session.posargs)
 
@@ -37,7 +37,7 @@ def conformance(session):
 @nox.session(python=PY)
 def lint(session):
     session.install("ruff")
-    session.run("ruff", "check", "src", "backends", "tests", "noxfile.py")
+    session.run("ruff", "check", "src", "backends", "tests", "docs/scripts", "examples", "benchmarks", "noxfile.py")
 
 
 @nox.session(python=PY)
@@ -45,6 +45,33 @@ def docs(session):
     """Build the documentation site with --strict."""
     _install(session, "docs")
     session.run("mkdocs", "build", "--strict")
+
+
+@nox.session(python=PY)
+def bench(session):
+    """CPU benchmarks: the cpu backend against dense SDPA, the dual approach and FlexAttention, then decode.
+
+    `nox -s bench -- --quick` for a short run. Writes JSON under benchmarks/results/.
+    """
+    _install(session, "testing,hf")
+    session.install("matplotlib")
+    session.run("python", "benchmarks/cpu.py", *session.posargs)
+    session.run("python", "benchmarks/decode.py", *session.posargs)
+
+
+@nox.session(python=PY)
+def gpu(session):
+    """On an NVIDIA GPU machine: CUDA tests, triton conformance and the GPU benchmark, into one JSON."""
+    session.install("torch", "triton")
+    session.install("-e", ".[testing,triton]")
+    session.run("python", "benchmarks/gpu.py", "--out", "benchmarks/results/gpu.json", *session.posargs)
+
+
+@nox.session(python=PY)
+def reproduce(session):
+    """The small-scale reproduction of the paper (under an hour on 2 cores); writes docs/results*."""
+    _install(session, "experiments")
+    session.run("python", "-m", "aha.experiments", "reproduce", *session.posargs)
 
 
 @nox.session(python=PY)

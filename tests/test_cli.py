@@ -11,7 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "aha", *args], capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "aha", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def test_backends_table_lists_builtins():
@@ -39,7 +41,17 @@ def test_unknown_command_arguments_are_refused():
 def example_plugin(tmp_path_factory):
     """pip-install tests/example_plugin into a private target directory."""
     target = tmp_path_factory.mktemp("site")
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(ROOT / "tests" / "example_plugin")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--target",
+        str(target),
+        str(ROOT / "tests" / "example_plugin"),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if res.returncode != 0:
         pytest.fail(f"installing the example plugin failed:\n{res.stdout}\n{res.stderr}")
@@ -55,7 +67,9 @@ def test_example_plugin_is_found_through_its_entry_point(example_plugin):
 
 
 def test_conformance_checks_the_example_plugin(example_plugin):
-    res = _run("conformance", "--backend", "example", "--max-len", "48", "-q", "--hypothesis-profile", "ci", env=example_plugin)
+    res = _run(
+        "conformance", "--backend", "example", "--max-len", "48", "-q", "--hypothesis-profile", "ci", env=example_plugin
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     from aha.testing import conformance
 

@@ -75,7 +75,9 @@ def test_here_token_ignores_nan_outside_its_window_and_all_token_sees_it():
 def test_window_at_least_n_makes_here_equal_all():
     q, k, v, _, _ = _problem(5)
     ones, zeros = np.ones((1, 2, 6)), np.zeros((1, 2, 6))
-    np.testing.assert_allclose(reference.attention(q, k, v, zeros, 9), reference.attention(q, k, v, ones, 1), atol=1e-15)
+    np.testing.assert_allclose(
+        reference.attention(q, k, v, zeros, 9), reference.attention(q, k, v, ones, 1), atol=1e-15
+    )
 
 
 def test_window_one_returns_own_value_for_here_tokens():

@@ -58,7 +58,9 @@ def _inputs(dtype=torch.float32):
 
 def test_broken_import_warns_names_distribution_and_lists_it(install):
     install("fake-broken", {"fakebroken": "fake_broken"}, {"fake_broken": "raise ImportError('no such thing')"})
-    with pytest.warns(RuntimeWarning, match=r"'fakebroken' from distribution 'fake-broken' failed to load: ImportError: no such thing"):
+    with pytest.warns(
+        RuntimeWarning, match=r"'fakebroken' from distribution 'fake-broken' failed to load: ImportError: no such thing"
+    ):
         rows = aha.backends()
     broken = [r for r in rows if r.status == "broken"]
     assert [(r.name, r.distribution, r.version) for r in broken] == [("fakebroken", "fake-broken", "1.2.3")]
@@ -102,15 +104,21 @@ def test_selection_prefers_priority_and_respects_capabilities(install):
     assert aha.select(*_inputs(torch.float64), window=2) == "torch"  # fast declares float32 only
     q, k, v, g = _inputs()
     q.requires_grad_(True)
-    assert aha.select(q, k, v, g, window=2) == "torch"  # fast declares no backward
+    assert aha.select(q, k, v, g, window=2) == "cpu"  # fast declares no backward; cpu (priority 50) is next
 
 
 def test_unavailable_backend_is_listed_with_its_reason_and_skipped(install):
-    install("fake-un", {"gpuonly": "fake_gpuonly"}, {"fake_gpuonly": _backend("gpuonly", priority=1000, reason="needs a GPU")})
+    install(
+        "fake-un",
+        {"gpuonly": "fake_gpuonly"},
+        {"fake_gpuonly": _backend("gpuonly", priority=1000, reason="needs a GPU")},
+    )
     row = next(r for r in aha.backends() if r.name == "gpuonly")
     assert (row.status, row.reason) == ("unavailable", "needs a GPU")
     assert aha.select(*_inputs(), window=2) != "gpuonly"
-    with pytest.raises(aha.BackendError, match=r"'gpuonly' cannot serve .*needs a GPU\. Backends that can: torch, reference"):
+    with pytest.raises(
+        aha.BackendError, match=r"'gpuonly' cannot serve .*needs a GPU\. Backends that can: cpu, torch, reference"
+    ):
         aha.attention(*_inputs(), window=2, backend="gpuonly")
 
 

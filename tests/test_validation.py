@@ -8,8 +8,12 @@ import aha
 
 
 def _ok(b=1, hq=4, hkv=2, nq=5, nk=7, d=8, dtype=torch.float32):
-    return (torch.randn(b, hq, nq, d, dtype=dtype), torch.randn(b, hkv, nk, d, dtype=dtype),
-            torch.randn(b, hkv, nk, d, dtype=dtype), torch.ones(b, hq, nq, dtype=dtype))
+    return (
+        torch.randn(b, hq, nq, d, dtype=dtype),
+        torch.randn(b, hkv, nk, d, dtype=dtype),
+        torch.randn(b, hkv, nk, d, dtype=dtype),
+        torch.ones(b, hq, nq, dtype=dtype),
+    )
 
 
 def _call(q, k, v, g, **kw):
@@ -52,7 +56,10 @@ def test_bad_input_is_named(mutate, exc, words):
         assert w in str(info.value), f"{w!r} not in {info.value}"
 
 
-@pytest.mark.parametrize("window,exc", [(0, ValueError), (-3, ValueError), (2.5, TypeError), ("4", TypeError), (True, TypeError), (None, TypeError)])
+@pytest.mark.parametrize(
+    "window,exc",
+    [(0, ValueError), (-3, ValueError), (2.5, TypeError), ("4", TypeError), (True, TypeError), (None, TypeError)],
+)
 def test_bad_window(window, exc):
     with pytest.raises(exc, match="window"):
         _call(*_ok(), window=window)

@@ -23,7 +23,9 @@ class ReferenceFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, gate = ctx.saved_tensors
-        grads = reference.attention_vjp(_np(q), _np(k), _np(v), _np(gate), ctx.window, _np(dout), ctx.scale, ctx.seqlens)
+        grads = reference.attention_vjp(
+            _np(q), _np(k), _np(v), _np(gate), ctx.window, _np(dout), ctx.scale, ctx.seqlens
+        )
         dq, dk, dv, dgate = (torch.from_numpy(g) for g in grads)
         dgate = dgate.to(gate.dtype) if gate.is_floating_point() else None
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgate, None, None, None

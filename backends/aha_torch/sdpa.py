@@ -50,7 +50,8 @@ def aha_sdpa_seqlens(q, k, v, gate, *, window, scale=None, cache_seqlens):
 
 def _here(q, k, v, window, scale):
     """Here branch for every query. -> [B, Hq, Nq, D]"""
-    if bool(torch.isfinite(k).all() and torch.isfinite(v).all()):
+    first = max(0, position_offset(q.shape[2], k.shape[2]) - window + 1)  # oldest key any Here token reads
+    if bool(torch.isfinite(k[:, :, first:]).all() and torch.isfinite(v[:, :, first:]).all()):
         return _here_blocked(q, k, v, window, scale)
     every = tokens_where(torch.ones(q.shape[:3], dtype=torch.bool, device=q.device))
     return _here_tokens(q, k, v, every, window, scale).view_as(q)
@@ -61,20 +62,23 @@ def _here_blocked(q, k, v, window, scale):
     bsz, hq, nq, d = q.shape
     nk = k.shape[2]
     w = min(window, nk)
-    c = max(16, min(w, 128))
+    c = min(nq, max(16, min(w, 128)))  # a decode step (Nq = 1) reads exactly its window
     nb, off = -(-nq // c), position_offset(nq, nk)
     span = c + w - 1
     qb = F.pad(q, (0, 0, 0, nb * c - nq)).view(bsz, hq, nb, c, d).transpose(1, 2)  # (B, nb, Hq, c, D)
-    pad = (0, 0, w - 1, nb * c - nq)  # w - 1 zero keys in front, the query padding behind
+    start = off - w + 1  # position of the first key of slab 0; may be < 0
+    pad = (0, 0, max(0, -start), nb * c - nq)  # zero keys before position 0, the query padding behind
 
-    def slabs(x):  # (B, Hkv, Nk, D) -> (B, nb, Hkv, c + w - 1, D)
-        return F.pad(x, pad)[:, :, off:].unfold(2, span, c).permute(0, 2, 1, 4, 3)
+    def slabs(x):  # (B, Hkv, Nk, D) -> (B, nb, Hkv, c + w - 1, D); only the keys Here reads are copied
+        return F.pad(x[:, :, max(0, start) :], pad).unfold(2, span, c).permute(0, 2, 1, 4, 3)
 
     r = torch.arange(c, device=q.device)[:, None]
     s = torch.arange(span, device=q.device)
     kpos = off - w + 1 + c * torch.arange(nb, device=q.device)[:, None, None] + s  # (nb, 1, span)
     mask = (s >= r) & (s <= r + w - 1) & (kpos >= 0)  # (nb, c, span)
-    o = F.scaled_dot_product_attention(qb, slabs(k), slabs(v), attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=hq != k.shape[1])
+    o = F.scaled_dot_product_attention(
+        qb, slabs(k), slabs(v), attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=hq != k.shape[1]
+    )
     return o.transpose(1, 2).reshape(bsz, hq, nb * c, d)[:, :, :nq]
 
 
@@ -108,21 +112,40 @@ def _here_tokens(q, k, v, idx, window, scale):
 
 
 def _all_tokens(q, k, v, is_all, scale):
-    """All branch for the tokens routed All, compacted per (b, h).
+    """All branch for the tokens routed All, compacted per (b, kv head).
 
+    The All tokens of the query heads sharing a kv head are gathered to the front of
+    one row; only rows holding an All token run, each against a view of its own kv
+    head. A decode step whose heads are mostly Here thus reads few full caches.
     Returns the (b, h, i) index of each All token and its output [M, D].
     """
-    idx, valid = pad_token_rows(is_all)  # (B, Hq, n)
-    nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
-    bsz, hq, n = idx.shape
-    gqa = q.shape[1] != k.shape[1]
-    step = max(1, _CHUNK_ELEMENTS // max(1, bsz * hq * nk))
-    rows = []
-    for s in range(0, n, step):
-        ids = idx[..., s : s + step]  # (B, Hq, r)
-        qa = torch.gather(q, 2, ids.unsqueeze(-1).expand(-1, -1, -1, d))  # (B, Hq, r, D)
-        mask = torch.arange(nk, device=q.device) <= (position_offset(nq, nk) + ids).unsqueeze(-1)
-        rows.append(F.scaled_dot_product_attention(qa, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa))
-    out = torch.cat(rows, dim=2) if rows else q.new_zeros(bsz, hq, 0, d)  # (B, Hq, n, D)
-    b, h, r = valid.nonzero(as_tuple=True)
-    return (b, h, idx[b, h, r]), out[b, h, r]
+    bsz, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    idx, valid = pad_token_rows(is_all.reshape(bsz, hkv, group * nq))  # (B, Hkv, n): index g * Nq + i
+    gb, gh = valid.any(-1).nonzero(as_tuple=True)  # rows with work: R of them
+    idx, valid = idx[gb, gh], valid[gb, gh]  # (R, n)
+    qg = q.reshape(bsz, hkv, group * nq, d)[gb, gh]  # (R, G * Nq, D)
+    qa = torch.gather(qg, 1, idx.unsqueeze(-1).expand(-1, -1, d))  # (R, n, D)
+    pos = position_offset(nq, nk) + idx % nq  # (R, n)
+    step = max(1, _CHUNK_ELEMENTS // nk)
+    outs = []
+    for r, (b, h) in enumerate(zip(gb.tolist(), gh.tolist())):
+        kr, vr = (
+            k[b, h][None, None],
+            v[b, h][None, None],
+        )  # (1, 1, Nk, D), views; 4-D lets SDPA use its fused CPU kernel
+        chunks = []
+        for s in range(0, idx.shape[1], step):
+            # A decode step's queries all sit at the last position: nothing to mask.
+            mask = None if nq == 1 else torch.arange(nk, device=q.device) <= pos[r, s : s + step, None]  # (r, Nk)
+            chunks.append(
+                F.scaled_dot_product_attention(qa[None, r : r + 1, s : s + step], kr, vr, attn_mask=mask, scale=scale)[
+                    0
+                ]
+            )
+        outs.append(torch.cat(chunks, dim=1))  # (1, n, D)
+    out = torch.cat(outs) if outs else q.new_zeros(0, idx.shape[1], d)  # (R, n, D)
+    r, c = valid.nonzero(as_tuple=True)
+    tok = idx[r, c]
+    return (gb[r], gh[r] * group + tok // nq, tok % nq), out[r, c]

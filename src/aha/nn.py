@@ -2,12 +2,12 @@
 
 ``AHAAttention`` is a causal self-attention layer whose every query head routes
 each token to All (full causal attention) or Here (the last ``window`` keys).
-The gate comes from a :class:`Router`, a linear map of the layer input, or from
+The gate comes from a `Router`, a linear map of the layer input, or from
 extra rows of the query projection (``fused_router=True``, the layout of the
 released AHA-OLMo2 checkpoint: ``q_proj`` has ``Hq * D + Hq`` output rows, the
 last ``Hq`` being the gate logits).
 
-Observers see the router of every forward pass; :mod:`aha.training` builds the
+Observers see the router of every forward pass; `aha.training` builds the
 sparsity term and gate statistics on them. Importing this module needs torch.
 """
 
@@ -43,7 +43,7 @@ class Router(nn.Linear):
     """One gate logit per query head from the layer input; no bias by default (as in the paper).
 
     ``forward(x)``: x [B, N, C] -> logits [B, Hq, N]. ``gate(logits)``: 1 = All, the
-    straight-through :func:`aha.route` when gradients flow, a bool gate otherwise.
+    straight-through `aha.route` when gradients flow, a bool gate otherwise.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, bias: bool = False, threshold: float = 0.5, **factory):
@@ -129,14 +129,15 @@ class AHAAttention(nn.Module):
         window: keys a Here token reads, its own included (>= 1).
         num_kv_heads: Hkv (GQA), Hq by default; Hq % Hkv == 0.
         head_dim: D, C // Hq by default.
-        qkv_bias, out_bias: biases of q/k/v and of o.
+        qkv_bias: biases of the q, k and v projections.
+        out_bias: bias of the o projection.
         qk_norm: None; ``"full"`` an RMS norm over the whole q and k projections (OLMo-2);
             ``"head"`` one over each head's D (Qwen3 style). It never covers the gate rows.
         norm_eps: epsilon of the qk norms.
         rope_theta: apply RoPE with this base when the caller passes no ``position_embeddings``;
             None for no position encoding of its own.
         fused_router: the gate logits are the last Hq rows of ``q_proj`` (released layout);
-            otherwise a separate :class:`Router` ``self.router``.
+            otherwise a separate `Router` ``self.router``.
         router_bias: give the router a bias (``self.gate_bias`` when fused); the paper uses none.
         threshold: the gate is 1[sigmoid(logit) > threshold], 1 = All.
         backend: the ``aha.attention`` backend, None for the best available.
@@ -233,7 +234,7 @@ class AHAAttention(nn.Module):
 
         position_embeddings: (cos, sin) [B or 1, N, D] from the caller's rotary embedding;
         else RoPE at ``position_ids`` [B or 1, N] (default: after the cached tokens) when rope_theta is set.
-        cache: a :class:`KVCache` or a transformers ``DynamicCache``; the new queries align
+        cache: a `KVCache` or a transformers ``DynamicCache``; the new queries align
         bottom-right against the cached keys.
         """
         b, n, _ = x.shape

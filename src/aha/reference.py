@@ -5,7 +5,7 @@ written to be read, not to be fast: one loop over query positions, and for
 each query an explicit slice of the keys that its branch reads. Keys outside
 that slice are never touched, so a NaN there cannot leak into the output.
 
-Shapes::
+Shapes:
 
     q: [B, Hq, Nq, D]   k, v: [B, Hkv, Nk, D]   gate: [B, Hq, Nq]
     query head h reads kv head h // (Hq // Hkv)
@@ -124,7 +124,7 @@ def attention(q, k, v, gate, window, scale=None, cache_seqlens=None):
 
 
 def attention_vjp(q, k, v, gate, window, dout, scale=None, cache_seqlens=None):
-    """Explicit VJP of :func:`attention`: returns (dq, dk, dv, dgate) in float64.
+    """Explicit VJP of ``attention``: returns (dq, dk, dv, dgate) in float64.
 
     dAll = gate * dout, dHere = (1 - gate) * dout, and
     dgate[b, h, i] = sum_d dout[b, h, i, d] * (All - Here)[b, h, i, d].
@@ -189,6 +189,6 @@ def sparsity_loss(logits) -> float:
 
 
 def sparsity_loss_vjp(logits, dloss=1.0):
-    """Gradient of :func:`sparsity_loss`: dloss * s * (1 - s) / logits.size."""
+    """Gradient of ``sparsity_loss``: dloss * s * (1 - s) / logits.size."""
     s = _sigmoid(np.asarray(logits, dtype=np.float64))
     return dloss * s * (1.0 - s) / s.size

@@ -36,7 +36,21 @@ class BackendError(ValueError):
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a backend can serve. ``devices=("*",)`` means any torch device."""
+    """What a backend can serve; ``backend=None`` skips a backend whose capabilities refuse a call.
+
+    Attributes:
+        arrays: array libraries it accepts: ``"torch"``, ``"numpy"``.
+        devices: device types (``"cpu"``, ``"cuda"``, ...); ``("*",)`` means any torch device.
+        dtypes: floating dtypes of q, k, v it accepts, by name (``"float32"``, ``"bfloat16"``, ...).
+        grad: whether it is differentiable w.r.t. q, k, v and gate. A backend
+            without ``grad`` is skipped when any input requires grad.
+        cross: whether it serves ``Nq < Nk`` (decoding, chunked prefill against a KV cache).
+        seqlens: whether it takes ``cache_seqlens``, per-sequence key lengths in a batch;
+            ``forward`` then receives ``cache_seqlens=`` as a keyword.
+        head_dims: inclusive range ``(lo, hi)`` of the head dim D it serves.
+        deterministic: whether two identical calls give bitwise identical results.
+            Informational: selection does not look at it.
+    """
 
     arrays: tuple[str, ...] = ("torch",)
     devices: tuple[str, ...] = ("cpu",)
@@ -48,7 +62,11 @@ class Capabilities:
     deterministic: bool = True
 
     def refuse(self, p: Problem) -> str | None:
-        """Why this backend cannot serve ``p``, or None when it can."""
+        """Why this backend cannot serve ``p``, or None when it can.
+
+        The sentence goes into the ``BackendError`` a user sees when they name
+        this backend for a call it cannot serve.
+        """
         if p.array not in self.arrays:
             return f"takes {'/'.join(self.arrays)} arrays, got {p.array}"
         if "*" not in self.devices and p.device not in self.devices:
@@ -73,7 +91,24 @@ def _always_available() -> str | None:
 
 @dataclass(frozen=True)
 class Backend:
-    """An attention backend, as a plugin registers it."""
+    """An attention backend, as a plugin registers it from its ``register_backends`` hook.
+
+    Attributes:
+        name: what users pass as ``backend=``. Names are unique: a plugin that
+            registers a taken name is reported broken. The built-ins load first.
+        forward: ``forward(q, k, v, gate, *, window, scale) -> out``. Receives
+            inputs that passed validation (shapes, dtypes, devices, ``window`` an
+            int >= 1; ``scale`` may be None, meaning ``1/sqrt(D)``) and returns
+            ``out`` [B, Hq, Nq, D] in q's dtype on q's device. A backend that
+            declares ``seqlens`` also gets ``cache_seqlens=`` when the caller gave it.
+        capabilities: what it can serve; see ``Capabilities``.
+        priority: ``backend=None`` picks the highest-priority available backend
+            whose capabilities accept the call.
+        available: ``available() -> None`` when it can run here, or a sentence
+            saying why not (e.g. a missing dependency or no GPU). Called once, when
+            the registry loads; an exception counts as unavailable.
+        description: one line for ``python -m aha backends`` and the docs.
+    """
 
     name: str
     forward: Callable  # forward(q, k, v, gate, *, window, scale) -> out
@@ -85,7 +120,17 @@ class Backend:
 
 @dataclass(frozen=True)
 class BackendInfo:
-    """One row of ``aha.backends()``: a backend, or a plugin that broke."""
+    """One row of ``aha.backends()``: a backend, or a plugin that broke.
+
+    Attributes:
+        name: the backend's name (the entry point's name for a broken plugin).
+        plugin: the entry point's name.
+        distribution: the distribution that provides it (``aha-attention`` for the built-ins).
+        version: that distribution's version.
+        status: ``"available"``, ``"unavailable"`` or ``"broken"``.
+        reason: why it is unavailable or broken; None when available.
+        backend: the ``Backend``, or None for a broken plugin.
+    """
 
     name: str
     plugin: str  # entry point name
@@ -97,11 +142,16 @@ class BackendInfo:
 
 
 class Registry:
-    """Loads plugins once, lazily, and answers which backend serves a call."""
+    """Loads plugins once, lazily, and answers which backend serves a call.
+
+    The one instance is ``aha.registry.registry``. Plugins load on first use
+    (``aha.backends()``, ``aha.attention``), not at ``import aha``.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._loaded = False
+        self._ready = False  # set once every plugin is loaded
         self.pm = pluggy.PluginManager("aha")
         self.pm.add_hookspecs(hookspecs)
         self._rows: dict[str, BackendInfo] = {}
@@ -118,11 +168,14 @@ class Registry:
         self._register_plugin(plugin, name, distribution, version)
 
     def _ensure_loaded(self) -> None:
+        if self._ready:  # lock-free once loaded, so that torch.compile(fullgraph=True) can trace aha.attention
+            return
         with self._lock:
             if not self._loaded:
                 self._loaded = True
                 for ep in _selected_entry_points():
                     self._load_entry_point(ep)
+                self._ready = True
 
     def _load_entry_point(self, ep) -> None:
         dist = ep.dist.name if ep.dist else "?"
@@ -195,7 +248,14 @@ registry = Registry()
 
 
 def select_backend(problem: Problem, name: str | None) -> Backend:
-    """The backend that serves ``problem``: ``name``'s, or the best available one."""
+    """The backend that serves ``problem``: ``name``'s, or the best available one.
+
+    With ``name=None``: the first backend, in priority order, that is available
+    and whose capabilities accept ``problem``; ``BackendError`` when there is none.
+    With a name: that backend, or ``ValueError`` when no such backend is
+    registered, or ``BackendError`` saying why it cannot serve ``problem`` and
+    which backends can.
+    """
     rows = [r for r in registry.rows() if r.backend is not None]
     fits = [r.name for r in rows if r.status == "available" and r.backend.capabilities.refuse(problem) is None]
     if name is None:

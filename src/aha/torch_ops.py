@@ -19,6 +19,9 @@ __all__ = [
     "window_key_positions",
     "tokens_where",
     "pad_token_rows",
+    "merge_into",
+    "group_rows",
+    "route_order",
 ]
 
 
@@ -50,7 +53,7 @@ class Mix(torch.autograd.Function):
 
 
 def mix(g: torch.Tensor, out_all: torch.Tensor, out_here: torch.Tensor) -> torch.Tensor:
-    """See :class:`Mix`. g: [B, Hq, Nq] bool or float; branches [B, Hq, Nq, D]."""
+    """See `Mix`. g: [B, Hq, Nq] bool or float; branches [B, Hq, Nq, D]."""
     if g.dtype == torch.bool:
         g = g.to(out_all.dtype)
     return Mix.apply(g, out_all, out_here)
@@ -118,3 +121,36 @@ def pad_token_rows(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     idx = order[..., :n_max]  # (B, H, n_max)
     valid = torch.arange(n_max, device=selected.device) < count[..., None]
     return torch.where(valid, idx, torch.zeros_like(idx)), valid
+
+
+def merge_into(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor) -> None:
+    """Fold softmax attention over more keys into a partial result, in place (online softmax).
+
+    out [..., D], lse [...]: attention over some keys and its log-sum-exp (-inf where a row
+    has read none yet; out must be finite there, e.g. 0). part_out, part_lse: the same over a
+    disjoint set of keys. Afterwards (out, lse) cover both sets. float32.
+    """
+    new = torch.logaddexp(lse, part_lse)
+    safe = new.nan_to_num(neginf=0.0)  # rows that read no key in either set stay -inf, out 0
+    out.mul_(torch.exp(lse - safe).unsqueeze(-1)).addcmul_(part_out, torch.exp(part_lse - safe).unsqueeze(-1))
+    lse.copy_(new)
+
+
+def group_rows(x: torch.Tensor, heads_kv: int) -> torch.Tensor:
+    """[B, Hq, Nq] -> [B * Hkv, Nq * G]: the tokens of the G = Hq / Hkv query heads sharing a kv head,
+    position-major: row = i * G + hl (hl = local query head)."""
+    b, hq, nq = x.shape
+    g = hq // heads_kv
+    return x.reshape(b, heads_kv, g, nq).transpose(2, 3).reshape(b * heads_kv, nq * g)
+
+
+def route_order(is_all: torch.Tensor, heads_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable partition of each kv group's rows: All rows first, then Here rows, each in row order.
+
+    Query blocks cut from ``order`` hold one branch only, with positions close together.
+
+    is_all: [B, Hq, Nq] bool -> order [B * Hkv, G * Nq] int32 (row ids), n_all [B * Hkv] int32.
+    """
+    x = group_rows(is_all, heads_kv)  # (BH, R)
+    order = torch.argsort((~x).to(torch.int8), dim=1, stable=True)  # All (key 0) first, row order kept
+    return order.to(torch.int32).contiguous(), x.sum(1).to(torch.int32).contiguous()

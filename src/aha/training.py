@@ -1,6 +1,6 @@
 """Training helpers for AHA models: the sparsity term and gate statistics.
 
-Both attach to the :class:`aha.nn.AHAAttention` layers of a model as observers;
+Both attach to the `aha.nn.AHAAttention` layers of a model as observers;
 nothing is global and nothing runs unless a helper is attached::
 
     sparsity = RouterSparsity(model)           # lambda = LAMBDA = 3e-4

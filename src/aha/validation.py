@@ -1,6 +1,6 @@
 """Validation of ``aha.attention`` inputs, done once before dispatch.
 
-Backends may assume that what reaches them passed :func:`validate_attention`.
+Backends may assume that what reaches them passed `validate_attention`.
 Every error names the argument, what was expected and what was seen.
 Nothing is broadcast: shapes must match exactly.
 """

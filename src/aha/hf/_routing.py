@@ -1,7 +1,7 @@
 """What the routed transformers models share: the attention adapter and the model surgery.
 
 A routed model is the base model (OLMo-2, Llama, Qwen2) with each layer's
-``self_attn`` replaced by :class:`HFAHAAttention`, an :class:`aha.nn.AHAAttention`
+``self_attn`` replaced by `HFAHAAttention`, an `aha.nn.AHAAttention`
 with the base attention's parameter names and call convention. Everything
 else (embeddings, norms, MLPs, rotary embedding, cache handling, generate) is
 transformers' own code, so state dicts match the base model's except for the
@@ -25,7 +25,7 @@ class HFAHAAttention(AHAAttention):
     Takes the rotary ``position_embeddings`` and the cache (``cache`` or, in older
     transformers, ``past_key_values``) from the decoder layer; ignores the 4-D mask
     (AHA attention is causal by construction; padding is refused at the model's
-    input by :func:`reject_padding`). Returns ``(output, None)``: no attention weights.
+    input by `reject_padding`). Returns ``(output, None)``: no attention weights.
     """
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):

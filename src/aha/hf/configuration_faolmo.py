@@ -3,7 +3,7 @@
 ``FAOlmoConfig`` (model_type ``"faolmo"``) is an OLMo-2 configuration with
 ``local_window_size``: the released AHA-OLMo2 format. ``AHALlamaConfig`` and
 ``AHAQwen2Config`` do the same for the Llama and Qwen2 checkpoints that
-:func:`aha.hf.convert.add_router` produces.
+`aha.hf.convert.add_router` produces.
 
 Fields beside the base model's:
     local_window_size: keys a Here token reads, its own included (``window`` of aha.attention).

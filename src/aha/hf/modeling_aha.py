@@ -1,6 +1,6 @@
-"""Llama and Qwen2 with All-or-Here attention: the models :func:`aha.hf.convert.add_router` makes.
+"""Llama and Qwen2 with All-or-Here attention: the models `aha.hf.convert.add_router` makes.
 
-Same construction as :mod:`aha.hf.modeling_faolmo`: the base model with every
+Same construction as `aha.hf.modeling_faolmo`: the base model with every
 layer's attention replaced, q_proj extended by Hq gate rows. The router reads
 the attention's input (after the layer's ``input_layernorm``).
 """

@@ -1,7 +1,7 @@
 """FAOlmo: OLMo-2 with All-or-Here attention, the released AHA-OLMo2 checkpoint format.
 
 The model is transformers' ``Olmo2ForCausalLM`` with every layer's attention
-replaced by :class:`aha.hf._routing.HFAHAAttention`. Weight names are OLMo-2's;
+replaced by `aha.hf._routing.HFAHAAttention`. Weight names are OLMo-2's;
 ``model.layers.*.self_attn.q_proj.weight`` has ``Hq * D + Hq`` rows, the last Hq
 being the router (gate logits). The router reads the same input as q_proj, the
 layer's hidden state (OLMo-2 has no pre-attention norm), and q_norm covers the

@@ -1,11 +1,11 @@
 """Testing tools for AHA backends: strategies, checks and the conformance suite.
 
-Third-party backend authors run the same suite as the built-in backends::
+Third-party backend authors run the same suite as the built-in backends:
 
     python -m aha conformance --backend mybackend
 
-or reuse the pieces: :func:`aha_cases` and :func:`make_inputs` draw problems,
-:func:`assert_close` compares with the float64 reference under the documented
+or reuse the pieces: ``aha_cases`` and ``make_inputs`` draw problems,
+``assert_close`` compares with the float64 reference under the documented
 per-dtype tolerances.
 """
 

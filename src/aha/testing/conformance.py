@@ -1,7 +1,7 @@
 """The conformance suite: properties every AHA backend must satisfy.
 
 Run it with ``python -m aha conformance --backend NAME`` (or ``nox -s conformance``).
-Each test takes the ``aha_backend`` fixture of :mod:`aha.testing.pytest_plugin`;
+Each test takes the ``aha_backend`` fixture of ``aha.testing.pytest_plugin``;
 the problems are drawn per backend from what its capabilities declare.
 """
 

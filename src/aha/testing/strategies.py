@@ -1,7 +1,7 @@
 """Hypothesis strategies for AHA problems, and the inputs they describe.
 
-A :class:`Case` is a small, printable description of a problem (shapes, window,
-gate kind, dtype, seed); :func:`make_inputs` turns it into tensors. Drawing a
+A ``Case`` is a small, printable description of a problem (shapes, window,
+gate kind, dtype, seed); ``make_inputs`` turns it into tensors. Drawing a
 seed instead of every float keeps shrinking fast and failures reproducible.
 """
 

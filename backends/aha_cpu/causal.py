@@ -1,0 +1,258 @@
+"""The All branch on the CPU: causal attention for every query, or for the All tokens only.
+
+Dense key tiles go through torch's fused CPU flash-attention kernel, which keeps
+a running max and sum in float32 and returns each row's log-sum-exp. Partial
+results over disjoint key ranges are merged by their log-sum-exps
+(:func:`aha.torch_ops.merge_into`), and the backward reuses the same key
+ranges with the merged out and lse, so nothing is recomputed densely.
+
+All tokens are gathered per unit (batch, kv head) into dense rows ordered by
+position (:class:`_Units`): the G query heads of a kv head share rows, so K
+and V are read in place, never repeated per query head. Each unit runs on its
+own, a job for the worker pool (:mod:`aha_cpu.threads`), ``TILE`` rows to a
+tile (:func:`aha.window.all_tiles`): the keys below a tile's first position are
+cut into chunks shared by all the rows from some tile on, each one unmasked
+flash call over that suffix of rows (as many rows per call as possible); the
+rest of a tile's keys, up to its last position, is one flash call with an
+additive mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from aha.torch_ops import merge_into, pad_token_rows
+from aha.window import all_tiles
+from aha_cpu.threads import parallel, workers
+
+TILE = 64  # rows of All tokens per tile (a masked flash call each)
+MASK_ELEMENTS = 1 << 20  # largest staircase mask built at once (4 MiB)
+DENSE_SHARE = 0.5  # backward: above this share of rows with a gradient, run every row densely
+
+
+def _flash(q, k, v, causal, scale, mask=None):
+    """(out, lse) of softmax attention; mask: additive float, broadcast to [B, Hq, Nq, Nk]."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+
+
+def _flash_backward(dout, q, k, v, out, lse, causal, scale, mask=None):
+    """(dq, dk, dv) of :func:`_flash` given the out and lse of the whole attention the call is part of."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale
+    )
+
+
+class AllBranch(torch.autograd.Function):
+    """All attention in float32 of the tokens in ``rows`` [B, Hq, Nq] bool (None: every token).
+
+    q: [B, Hq, Nq, D]; k, v: [B, Hkv, Nk, D]. Returns [B, Hq, Nq, D]; tokens not in rows hold
+    garbage (select them away, as ``torch.where(rows, out, ...)`` does).
+    The backward runs only the rows whose gradient is not zero.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, rows):
+        ctx.scale = scale
+        if rows is None:
+            out, lse = dense_forward(q, k, v, scale)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+        units = _Units(rows, k.shape[1], k.shape[2])
+        q_rows = units.gather(q)  # (B, Hkv, n, D)
+        out, lse = rows_forward(q_rows, units.pos, units.valid, k, v, scale)
+        ctx.save_for_backward(q_rows, k, v, out, lse)
+        ctx.units = units
+        return units.scatter(out, q.new_empty(q.shape))
+
+    @staticmethod
+    def backward(ctx, dout):
+        dout = dout.float()
+        if not hasattr(ctx, "units"):
+            q, k, v, out, lse = ctx.saved_tensors
+            live = (dout != 0).any(-1)  # (B, Hq, Nq): rows that get a gradient
+            if live.float().mean() > DENSE_SHARE:
+                return (*dense_backward(dout, q, k, v, out, lse, ctx.scale), None, None)
+            units = _Units(live, k.shape[1], k.shape[2])
+            q_rows, out, lse = units.gather(q), units.gather(out), units.gather(lse)
+            q_shape = q.shape
+        else:
+            q_rows, k, v, out, lse = ctx.saved_tensors
+            units = ctx.units
+            q_shape = dout.shape
+        do = units.gather(dout) * units.valid.unsqueeze(-1)  # padding rows repeat a token: no gradient
+        dq_rows, dk, dv = rows_backward(do, q_rows, units.pos, units.valid, k, v, out, lse, ctx.scale)
+        return units.scatter(dq_rows, dq_rows.new_zeros(q_shape)), dk, dv, None, None
+
+
+class _Units:
+    """Tokens of [B, Hq, Nq] gathered per (batch, kv head) and ordered by position.
+
+    The G query heads of a kv head read the same keys, so their tokens share rows and tiles:
+    the tokens of a unit lie G times denser than those of one head, and a tile's positions
+    spread G times less. b, h, i, pos, valid: [B, Hkv, n] (padding rows repeat a token).
+    """
+
+    def __init__(self, rows: torch.Tensor, hkv: int, nk: int):
+        b, hq, nq = rows.shape
+        g = hq // hkv
+        by_position = rows.reshape(b, hkv, g, nq).transpose(2, 3).reshape(b, hkv, nq * g)  # index i * G + head
+        idx, self.valid = pad_token_rows(by_position)  # (B, Hkv, n)
+        self.i = idx // g
+        self.h = torch.arange(hkv)[:, None] * g + idx % g  # query head
+        self.b = torch.arange(b)[:, None, None].expand_as(idx)
+        self.pos = nk - nq + self.i
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of x [B, Hq, Nq, ...] -> [B, Hkv, n, ...]."""
+        return x[self.b, self.h, self.i]
+
+    def scatter(self, rows: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`gather` on the real rows: [B, Hkv, n, D] written into [B, Hq, Nq, D]."""
+        v = self.valid
+        return into.index_put_((self.b[v], self.h[v], self.i[v]), rows[v])
+
+
+def all_tokens_into(out, q, k, v, scale, rows):
+    """Without autograd: All attention of the tokens in rows [B, Hq, Nq] written into out [B, Hq, Nq, D]."""
+    units = _Units(rows, k.shape[1], k.shape[2])
+    units.scatter(rows_forward(units.gather(q), units.pos, units.valid, k, v, scale)[0], out)
+
+
+def dense_forward(q, k, v, scale):
+    """Causal attention of every query (bottom-right aligned) -> out [B, Hq, Nq, D], lse [B, Hq, Nq]."""
+    offset = k.shape[2] - q.shape[2]
+    out, lse = _flash(q, k[:, :, offset:], v[:, :, offset:], True, scale)  # square, top-left causal
+    if offset:  # keys before query 0, read by every query
+        out, lse = out.contiguous(), lse.contiguous()
+        merge_into(out, lse, *_flash(q, k[:, :, :offset], v[:, :, :offset], False, scale))
+    return out, lse
+
+
+def dense_backward(dout, q, k, v, out, lse, scale):
+    """Gradients of :func:`dense_forward` from its merged out and lse."""
+    offset = k.shape[2] - q.shape[2]
+    dq, dk, dv = _flash_backward(dout, q, k[:, :, offset:], v[:, :, offset:], out, lse, True, scale)
+    if offset:
+        dq0, dk0, dv0 = _flash_backward(dout, q, k[:, :, :offset], v[:, :, :offset], out, lse, False, scale)
+        dq, dk, dv = dq + dq0, torch.cat([dk0, dk], 2), torch.cat([dv0, dv], 2)
+    return dq, dk, dv
+
+
+def _jobs(pos: torch.Tensor, valid: torch.Tensor) -> list[tuple[int, int, int, int, int]]:
+    """(b, u, r0, r1, cost): each unit's real rows, cut at tile boundaries into runs of about equal
+    cost (keys read) when there are fewer units than 4 per worker."""
+    counts = valid.sum(-1).tolist()  # (B, Hkv)
+    units = [(b, u, n) for b, row in enumerate(counts) for u, n in enumerate(row) if n]
+    runs = max(1, -(-4 * workers() // max(1, len(units))))  # per unit
+    jobs = []
+    for b, u, n in units:
+        cost = [0] + (pos[b, u, :n] + 1).cumsum(0).tolist()  # keys read by rows [0, r)
+        cuts = [0]
+        for r in range(TILE, n, TILE):
+            if cost[r] >= cost[n] * len(cuts) / runs:
+                cuts.append(r)
+        cuts.append(n)
+        jobs += [(b, u, r0, r1, cost[r1] - cost[r0]) for r0, r1 in zip(cuts, cuts[1:])]
+    return jobs
+
+
+def rows_forward(rows, pos, valid, k, v, scale):
+    """All attention of compacted tokens rows [B, Hkv, n, D] at positions pos [B, Hkv, n].
+
+    Each unit (b, kv head) runs on its own (no rows of another unit widen its tiles), its
+    real rows first in position order. Returns out [B, Hkv, n, D] and lse [B, Hkv, n],
+    float32; padding rows hold 0 and -inf.
+    """
+    out = rows.new_zeros(rows.shape)
+    lse = rows.new_full(rows.shape[:3], float("-inf"))
+
+    def job(item, worker):
+        b, u, r0, r1, _ = item
+        out[b, u, r0:r1], lse[b, u, r0:r1] = _unit_forward(rows[b, u, r0:r1], pos[b, u, r0:r1], k[b, u], v[b, u], scale)
+
+    parallel(job, _jobs(pos, valid), cost=lambda j: j[4])
+    return out, lse
+
+
+def rows_backward(dout, rows, pos, valid, k, v, out, lse, scale):
+    """Gradients of :func:`rows_forward` from its merged out and lse: d rows, dk, dv."""
+    dq, dk, dv = torch.zeros_like(rows), torch.zeros_like(k), torch.zeros_like(v)
+
+    def job(item, worker):
+        b, u, r0, r1, _ = item
+        sl = slice(r0, r1)
+        grads = _unit_backward(
+            dout[b, u, sl], rows[b, u, sl], pos[b, u, sl], k[b, u], v[b, u], out[b, u, sl], lse[b, u, sl], scale
+        )
+        dq[b, u, sl] = grads[0]
+        return b, u, grads[1], grads[2]
+
+    for b, u, dk_part, dv_part in parallel(job, _jobs(pos, valid), cost=lambda j: j[4]):
+        dk[b, u, : dk_part.shape[0]] += dk_part  # in job order: the sums do not depend on timing
+        dv[b, u, : dv_part.shape[0]] += dv_part
+    return dq, dk, dv
+
+
+def _unit_forward(q, pos, k, v, scale):
+    """Rows q [R, D] at ascending positions pos [R] over keys k, v [Nk, D] -> out [R, D], lse [R]."""
+    plan = all_tiles(pos.tolist(), TILE, _min_chunk(k.shape[0]))
+    q, k, v, pos = q[None, None], k[None, None], v[None, None], pos[None, None]  # (1, 1, ..)
+    out = q.new_zeros(q.shape)
+    lse = q.new_full(q.shape[:3], float("-inf"))
+    for r0, a, b in plan.chunks:  # unmasked: keys [a, b) for every row from r0 on
+        merge_into(out[:, :, r0:], lse[:, :, r0:], *_flash(q[:, :, r0:], k[:, :, a:b], v[:, :, a:b], False, scale))
+    for r0, r1, lo, hi in plan.tiles:  # each tile's staircase
+        for a, b, mask, none in _staircases(pos[:, :, r0:r1], lo, hi, MASK_ELEMENTS // (r1 - r0)):
+            o, part = _flash(q[:, :, r0:r1], k[:, :, a:b], v[:, :, a:b], False, scale, mask)
+            merge_into(out[:, :, r0:r1], lse[:, :, r0:r1], o, part.masked_fill(none, float("-inf")))
+    return out[0, 0], lse[0, 0]
+
+
+def _unit_backward(do, q, pos, k, v, out, lse, scale):
+    """Gradients of :func:`_unit_forward`: dq [R, D], and dk, dv [hi, D] of keys [0, hi)."""
+    plan = all_tiles(pos.tolist(), TILE, _min_chunk(k.shape[0]))
+    hi = plan.tiles[-1][3]
+    do, q, out, lse, pos = do[None, None], q[None, None], out[None, None], lse[None, None], pos[None, None]
+    k, v = k[None, None, :hi], v[None, None, :hi]
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    def add(r0, r1, a, b, mask=None):
+        grads = _flash_backward(
+            do[:, :, r0:r1],
+            q[:, :, r0:r1],
+            k[:, :, a:b],
+            v[:, :, a:b],
+            out[:, :, r0:r1],
+            lse[:, :, r0:r1],
+            False,
+            scale,
+            mask,
+        )
+        dq[:, :, r0:r1] += grads[0]
+        dk[:, :, a:b] += grads[1]
+        dv[:, :, a:b] += grads[2]
+
+    for r0, a, b in plan.chunks:
+        add(r0, q.shape[2], a, b)
+    for r0, r1, lo, hi in plan.tiles:
+        for a, b, mask, _ in _staircases(pos[:, :, r0:r1], lo, hi, MASK_ELEMENTS // (r1 - r0)):
+            add(r0, r1, a, b, mask)
+    return dq[0, 0], dk[0, 0], dv[0, 0]
+
+
+def _min_chunk(nk: int) -> int:
+    """Fewest keys per shared chunk. A chunk costs each row a merge; a coarser grain costs each row
+    more masked scores in its tile's call. Measured best near sqrt(48 Nk) (~630 keys at 8k)."""
+    return int((48 * nk) ** 0.5)
+
+
+def _staircases(pos, lo, hi, width):
+    """Key ranges [a, b) of at most ``width`` keys covering [lo, hi), with each range's additive mask.
+
+    pos: [1, 1, R] -> mask [1, 1, R, b - a], 0 where key <= pos, else -inf; and the rows that
+    read no key of the range ([1, 1, R] bool), whose lse must be set to -inf.
+    """
+    for a in range(lo, hi, max(1, width)):
+        b = min(hi, a + max(1, width))
+        read = torch.arange(a, b) <= pos.unsqueeze(-1)  # (1, 1, R, b - a)
+        yield a, b, torch.where(read, 0.0, float("-inf")), pos < a

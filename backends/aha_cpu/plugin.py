@@ -1,0 +1,38 @@
+"""Registers the ``cpu`` backend (CPU tensors; preferred over ``torch`` there)."""
+
+from __future__ import annotations
+
+import aha
+from aha.registry import Capabilities
+
+
+def _available() -> str | None:
+    try:
+        import torch
+    except ImportError as exc:
+        return f"torch is not installed ({exc}); pip install 'aha[torch]'"
+    if not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        return f"torch {torch.__version__} lacks the CPU flash-attention kernel (aten::_scaled_dot_product_flash_attention_for_cpu); need torch >= 2.5"
+    return None
+
+
+def forward(q, k, v, gate, *, window, scale=None, cache_seqlens=None):
+    from aha_cpu.attention import attention
+
+    return attention(q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens)
+
+
+@aha.hookimpl
+def register_backends(register):
+    register(
+        aha.Backend(
+            name="cpu",
+            forward=forward,
+            capabilities=Capabilities(
+                arrays=("torch",), devices=("cpu",), dtypes=("float32", "bfloat16"), grad=True, cross=True, seqlens=True
+            ),
+            priority=50,
+            available=_available,
+            description="blocked AHA for CPU tensors: Here costs O(window), All O(context), memory O(N*D)",
+        )
+    )

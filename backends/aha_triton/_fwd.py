@@ -1,0 +1,174 @@
+"""Forward kernel: flash attention (online softmax in float32, exp2) with the routing fused in.
+
+One program = one query block of one (batch, kv head) group. Its rows all take
+one branch (routed) or both (BOTH), and it visits only the key blocks that the
+union of its rows' key ranges touches, in up to three stages:
+
+    masked  [kb_lo, b1)   some row's window starts inside these blocks
+    full    [b1, b2)      every row sees every key: no mask, no NaN guard
+    masked  [b2, kb_hi)   the causal edge
+
+NaN safety in masked blocks: scores outside a row's range become -inf, and
+values with a NaN or inf are zeroed before p @ V (0 * NaN would leak into rows
+that do not read them); a row that does read such a value is flagged and comes
+out NaN, as in the reference.
+
+Bundles passed to the helpers: ``kv = (k_base, v_base, stride_kn, stride_vn, NK)``,
+``TILE = (HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)`` (constexpr) and the softmax
+state ``(acc, m, lsum, bad)``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from aha_triton._common import _any_bad, _bad_columns, _block_rows, _dense_block, _finite, _row_coords, _segment
+
+
+@triton.jit
+def _load_kv(kv, kb, MASKED: tl.constexpr, TILE: tl.constexpr):
+    """Key block kb: k [N, D], v [N, D] and key positions j [N]."""
+    k_base, v_base, stride_kn, stride_vn, NK = kv
+    j = kb * TILE[1] + tl.arange(0, TILE[1])
+    d = tl.arange(0, TILE[2])
+    mask = d[None, :] < TILE[0]
+    if MASKED:
+        mask = mask & (j[:, None] < NK)
+    k = tl.load(k_base + j[:, None].to(tl.int64) * stride_kn + d[None, :], mask=mask, other=0.0)
+    v = tl.load(v_base + j[:, None].to(tl.int64) * stride_vn + d[None, :], mask=mask, other=0.0)
+    return k, v, j
+
+
+@triton.jit
+def _softmax_step(state, s, v, PRECISION: tl.constexpr):
+    """Fold one key block (scores s [M, N] in base 2, -inf = unseen) into the online softmax."""
+    acc, m, lsum, bad = state
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet
+    alpha = tl.exp2(m - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    lsum = lsum * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_new, lsum, bad
+
+
+@triton.jit
+def _flag_bad(state, seen, col_bad):
+    """Mark the rows that read a key whose value holds a NaN or an inf."""
+    acc, m, lsum, bad = state
+    return acc, m, lsum, tl.maximum(bad, tl.max(tl.where(seen & col_bad, 1, 0), 1))
+
+
+@triton.jit
+def _init_state(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    return acc, m, tl.zeros([BLOCK_M], dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.int32)
+
+
+@triton.jit
+def _fwd_stage(state, q, kv, kb_lo, kb_hi, lo, pos, scale_log2, MASKED: tl.constexpr, TILE: tl.constexpr):
+    """One branch over key blocks [kb_lo, kb_hi); rows read keys lo <= j <= pos."""
+    for kb in range(kb_lo, kb_hi):
+        k, v, j = _load_kv(kv, kb, MASKED, TILE)
+        s = tl.dot(q, tl.trans(k), input_precision=TILE[3]) * scale_log2  # (M, N)
+        if MASKED:
+            seen = (j[None, :] >= lo[:, None]) & (j[None, :] <= pos[:, None])
+            s = tl.where(seen, s, float("-inf"))
+            if _any_bad(v):  # rare: keep 0 * NaN out of the rows that do not read it
+                state = _flag_bad(state, seen, _bad_columns(v)[None, :] > 0)
+                v = tl.where(_finite(v), v, 0.0)
+        state = _softmax_step(state, s, v, TILE[3])
+    return state
+
+
+@triton.jit
+def _fwd_stage_both(state_a, state_h, q, kv, kb_lo, kb_hi, pos, WINDOW, scale_log2, TILE: tl.constexpr):
+    """All and Here together over key blocks [kb_lo, kb_hi), masked: one q.k for both branches."""
+    for kb in range(kb_lo, kb_hi):
+        k, v, j = _load_kv(kv, kb, True, TILE)
+        s = tl.dot(q, tl.trans(k), input_precision=TILE[3]) * scale_log2  # (M, N)
+        seen_a = j[None, :] <= pos[:, None]
+        seen_h = seen_a & (j[None, :] > pos[:, None] - WINDOW)
+        if _any_bad(v):
+            col_bad = _bad_columns(v)[None, :] > 0
+            state_a = _flag_bad(state_a, seen_a, col_bad)
+            state_h = _flag_bad(state_h, seen_h, col_bad)
+            v = tl.where(_finite(v), v, 0.0)
+        state_a = _softmax_step(state_a, tl.where(seen_a, s, float("-inf")), v, TILE[3])
+        state_h = _softmax_step(state_h, tl.where(seen_h, s, float("-inf")), v, TILE[3])
+    return state_a, state_h
+
+
+@triton.jit
+def _finish(state):
+    """Normalised branch output [M, D] (NaN where a read value was NaN/inf) and its lse2 [M]."""
+    acc, m, lsum, bad = state
+    out = tl.where(bad[:, None] > 0, float("nan"), acc / lsum[:, None])
+    return out, m + tl.log2(lsum)
+
+
+@triton.jit
+def _aha_fwd(
+    Q, K, V, GATE, ORDER, NALL, OUT, LSE, BRANCHES,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    HKV, NQ, NK, WINDOW, TOKENS, scale_log2,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BOTH: tl.constexpr, STORE_BRANCHES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """OUT [B, Hq, Nq, D]; LSE [S, B, Hq, Nq] base 2 (S = 1 routed: the selected branch;
+    S = 2 BOTH: All, Here); BRANCHES [2, B, Hq, Nq, D] = All, Here when STORE_BRANCHES.
+    TOKENS = B * Hq * Nq. GATE [B, Hq, Nq] float32 (BOTH only). Grid: (query blocks, B * Hkv)."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HKV).to(tl.int64)
+    kvh = (bh % HKV).to(tl.int64)
+    rows = G * NQ
+    if BOTH:
+        start, end, is_all = _dense_block(t, rows, BLOCK_M)
+    else:
+        start, end, is_all = _segment(t, tl.load(NALL + bh), rows, BLOCK_M)
+    if start >= end:
+        return
+    row, valid = _block_rows(ORDER + bh.to(tl.int64) * rows, start, end, BOTH, BLOCK_M)
+    i, hl, pos, token = _row_coords(row, bh, NQ, NK, G)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d[None, :] < HEAD_DIM
+    q_ptr = Q + b * stride_qb + (kvh * G + hl)[:, None] * stride_qh + i[:, None].to(tl.int64) * stride_qn
+    q = tl.load(q_ptr + d[None, :], mask=dmask, other=0.0)  # (M, D)
+    kv = (K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh, stride_kn, stride_vn, NK)
+    TILE: tl.constexpr = (HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
+    pos_first = tl.min(pos, 0)
+    pos_last = tl.max(pos, 0)
+    kb_hi = tl.cdiv(pos_last + 1, BLOCK_N)
+    out_ptr = token[:, None] * HEAD_DIM + d[None, :]
+    store_mask = valid[:, None] & dmask
+    if BOTH:
+        # [0, kb_h): All only, below every window and every row's position; [kb_h, kb_hi): both, masked
+        kb_h = tl.maximum(pos_first - WINDOW + 1, 0) // BLOCK_N
+        state_a = _fwd_stage(_init_state(BLOCK_M, BLOCK_D), q, kv, 0, kb_h, pos, pos, scale_log2, False, TILE)
+        state_a, state_h = _fwd_stage_both(state_a, _init_state(BLOCK_M, BLOCK_D), q, kv, kb_h, kb_hi, pos,
+                                           WINDOW, scale_log2, TILE)
+        out_a, lse_a = _finish(state_a)
+        out_h, lse_h = _finish(state_h)
+        g = tl.load(GATE + token)[:, None]
+        out = tl.where(g == 1.0, out_a, tl.where(g == 0.0, out_h, g * out_a + (1.0 - g) * out_h))
+        tl.store(OUT + out_ptr, out.to(OUT.dtype.element_ty), mask=store_mask)
+        if STORE_BRANCHES:
+            tl.store(BRANCHES + out_ptr, out_a.to(BRANCHES.dtype.element_ty), mask=store_mask)
+            here_ptr = (token + TOKENS)[:, None] * HEAD_DIM + d[None, :]
+            tl.store(BRANCHES + here_ptr, out_h.to(BRANCHES.dtype.element_ty), mask=store_mask)
+            tl.store(LSE + token, lse_a, mask=valid)
+            tl.store(LSE + TOKENS + token, lse_h, mask=valid)
+    else:
+        lo = tl.where(is_all == 1, 0, pos - WINDOW + 1)  # first key of each row (unclamped)
+        kb_lo = tl.maximum(tl.min(lo, 0), 0) // BLOCK_N
+        b1 = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(tl.max(lo, 0), 0), BLOCK_N), kb_lo), kb_hi)
+        b2 = tl.minimum(tl.maximum((pos_first + 1) // BLOCK_N, b1), kb_hi)
+        state = _fwd_stage(_init_state(BLOCK_M, BLOCK_D), q, kv, kb_lo, b1, lo, pos, scale_log2, True, TILE)
+        state = _fwd_stage(state, q, kv, b1, b2, lo, pos, scale_log2, False, TILE)
+        state = _fwd_stage(state, q, kv, b2, kb_hi, lo, pos, scale_log2, True, TILE)
+        out, lse = _finish(state)
+        tl.store(OUT + out_ptr, out.to(OUT.dtype.element_ty), mask=store_mask)
+        tl.store(LSE + token, lse, mask=valid)

@@ -1,0 +1,322 @@
+"""The ``triton`` backend: kernels against the float64 reference, dispatch, index pass, torch.compile.
+
+Without a GPU the kernels run on the CPU through Triton's interpreter (TRITON_INTERPRET=1,
+set below before triton is imported); with TRITON_INTERPRET=0 and a GPU they run on CUDA.
+Small tiles (16) are forced in most tests so that a few dozen tokens already span
+several query and key blocks.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton", reason="the triton backend needs triton (pip install 'aha-attention[triton]')")
+
+import aha  # noqa: E402
+from aha import reference  # noqa: E402
+from aha.torch_ops import group_rows, route_order  # noqa: E402
+from aha.window import key_block_range, num_blocks, position_offset  # noqa: E402
+from aha_triton import _index, _launch, ops  # noqa: E402
+from aha_triton import plugin as triton_plugin  # noqa: E402
+from aha_triton._launch import Tiles, tiles  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+if DEVICE == "cpu" and not INTERPRET:
+    pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+SMALL = {"fwd": Tiles(16, 16), "dkdv": Tiles(16, 16), "dq": Tiles(16, 16)}
+# (forward, gradient) tolerance relative to max(1, max|ref|)
+TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (4e-3, 1e-2), torch.bfloat16: (3e-2, 6e-2)}
+
+
+@pytest.fixture(autouse=True)
+def small_tiles():
+    with tiles(**SMALL):
+        yield
+
+
+def _np(x):
+    return x.detach().to("cpu", torch.float64).numpy()
+
+
+def _inputs(b, hq, hkv, nq, nk, d, dtype, gate="random", seed=0, share=0.3):
+    gen = torch.Generator().manual_seed(seed)
+    q, dout = (torch.randn(b, hq, nq, d, generator=gen) for _ in range(2))
+    k, v = (torch.randn(b, hkv, nk, d, generator=gen) for _ in range(2))
+    u = torch.rand(b, hq, nq, generator=gen)
+    g = {"random": (u < share).double(), "all": torch.ones_like(u), "here": torch.zeros_like(u), "soft": u}[gate]
+    return [x.to(DEVICE, dtype) for x in (q, k, v, g, dout)]
+
+
+def _close(name, got, ref, dtype, kind=0):
+    scale = max(1.0, float(np.abs(ref).max())) if ref.size else 1.0
+    err = float(np.abs(_np(got) - ref).max()) / scale if ref.size else 0.0
+    assert err <= TOL[dtype][kind], f"{name} ({dtype}): relative error {err:.3g} > {TOL[dtype][kind]}"
+
+
+CASES = [  # B, Hq, Hkv, Nq, Nk, D, window
+    (1, 2, 1, 1, 1, 16, 1),
+    (1, 2, 1, 17, 17, 16, 4),
+    (2, 4, 2, 33, 33, 40, 8),
+    (1, 3, 1, 70, 70, 64, 17),
+    (1, 2, 2, 5, 33, 16, 6),  # Nq < Nk
+    (1, 4, 1, 33, 70, 48, 100),  # window > Nk: Here == All
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}Hq{}Hkv{}Nq{}Nk{}D{}w{}".format(*c))
+@pytest.mark.parametrize("gate", ["random", "all", "here", "soft"])
+def test_forward_matches_reference(case, gate):
+    *shape, window = case
+    q, k, v, g, _ = _inputs(*shape, torch.float32, gate=gate, seed=sum(case))
+    out = aha.attention(q, k, v, g, window=window, backend="triton")
+    _close("out", out, reference.attention(_np(q), _np(k), _np(v), _np(g), window), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("gate_grad", [False, True], ids=["routed", "gate-grad"])
+def test_gradients_match_reference(dtype, gate_grad):
+    q, k, v, g, dout = _inputs(1, 4, 2, 33, 40, 40, dtype, seed=3)
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    g.requires_grad_(gate_grad)
+    out = aha.attention(q, k, v, g, window=7, backend="triton")
+    wrt = [q, k, v] + ([g] if gate_grad else [])
+    grads = torch.autograd.grad(out, wrt, dout)
+    ref = reference.attention_vjp(_np(q), _np(k), _np(v), _np(g), 7, _np(dout))
+    _close("out", out, reference.attention(_np(q), _np(k), _np(v), _np(g), 7), dtype)
+    for name, got, r in zip(("dq", "dk", "dv", "dgate"), grads, ref):
+        assert got.dtype == dtype
+        _close(name, got, r, dtype, kind=1)
+
+
+@pytest.mark.parametrize("d", [128, 256])
+@pytest.mark.parametrize("gate_grad", [False, True], ids=["routed", "gate-grad"])
+def test_gpu_tile_sizes(d, gate_grad):
+    """The tile sizes used on GPUs (gpu_tiles), over enough tokens for several blocks of each kernel."""
+    q, k, v, g, dout = _inputs(1, 4, 2, 150, 170, d, torch.float32, seed=d)
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    g.requires_grad_(gate_grad)
+    gpu = {kernel: _launch.gpu_tiles(kernel, d) for kernel in ("fwd", "dkdv", "dq")}
+    with tiles(**gpu):
+        out = ops.attention(q, k, v, g, window=40, deterministic=True)
+        grads = torch.autograd.grad(out, [q, k, v] + ([g] if gate_grad else []), dout)
+    args = (_np(q), _np(k), _np(v), _np(g), 40)
+    _close("out", out, reference.attention(*args), torch.float32)
+    for name, got, r in zip(("dq", "dk", "dv", "dgate"), grads, reference.attention_vjp(*args, _np(dout))):
+        _close(name, got, r, torch.float32, kind=1)
+
+
+@pytest.mark.parametrize("gate", ["soft", "bool", "all", "here"])
+def test_gradients_other_gates(gate):
+    """Soft gate without grad (recomputed backward), bool gate, and one-branch gates."""
+    q, k, v, g, dout = _inputs(2, 2, 1, 17, 17, 16, torch.float32, gate="soft" if gate == "soft" else "random", seed=5)
+    g = {"bool": g.bool(), "all": torch.ones_like(g), "here": torch.zeros_like(g)}.get(gate, g)
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    grads = torch.autograd.grad(aha.attention(q, k, v, g, window=3, backend="triton"), [q, k, v], dout)
+    ref = reference.attention_vjp(_np(q), _np(k), _np(v), _np(g), 3, _np(dout))
+    for name, got, r in zip(("dq", "dk", "dv"), grads, ref):
+        _close(name, got, r, torch.float32, kind=1)
+
+
+@pytest.mark.parametrize("gate_grad", [False, True], ids=["routed", "gate-grad"])
+def test_deterministic_gradients_are_bitwise_repeatable(gate_grad):
+    q, k, v, g, dout = _inputs(1, 4, 2, 40, 40, 16, torch.float32, seed=11)
+    leaves = [x.requires_grad_(True) for x in (q, k, v)] + ([g.requires_grad_(True)] if gate_grad else [])
+
+    def grads(deterministic):
+        out = ops.attention(q, k, v, g, window=5, deterministic=deterministic)
+        return torch.autograd.grad(out, leaves, dout)
+
+    first, second, fused = grads(True), grads(True), grads(False)
+    for a, b, c in zip(first, second, fused):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)  # the atomic dq pass agrees
+
+
+def test_deterministic_follows_torch_setting(monkeypatch):
+    seen = []
+    real = _launch.backward
+    monkeypatch.setattr(_launch, "backward", lambda *a: seen.append(a[-1]) or real(*a))
+    q, k, v, g, dout = _inputs(1, 2, 1, 9, 9, 16, torch.float32)
+    q.requires_grad_(True)
+    for flag in (True, False):
+        torch.use_deterministic_algorithms(flag)
+        try:
+            aha.attention(q, k, v, g, window=3, backend="triton").backward(dout)
+        finally:
+            torch.use_deterministic_algorithms(False)
+    assert seen == [True, False]
+
+
+def _fwd_modes(monkeypatch):
+    """Record BOTH and STORE_BRANCHES of every forward launch."""
+    modes = []
+    kernel = _launch._aha_fwd
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                modes.append((kw["BOTH"], kw["STORE_BRANCHES"]))
+                return kernel[grid](*args, **kw)
+
+            return launch
+
+    monkeypatch.setattr(_launch, "_aha_fwd", Spy())
+    return modes
+
+
+def test_hard_gate_without_grad_runs_only_the_selected_branch(monkeypatch):
+    modes = _fwd_modes(monkeypatch)
+    q, k, v, g, dout = _inputs(1, 2, 1, 17, 17, 16, torch.float32)
+    q.requires_grad_(True)
+    aha.attention(q, k, v, g, window=4, backend="triton").backward(dout)  # routed; q's grad needs no branch
+    aha.attention(q, k, v, g.requires_grad_(True), window=4, backend="triton")  # dgate needs both branches
+    with torch.no_grad():
+        aha.attention(q, k, v, g, window=4, backend="triton")  # no grad at all: routed again
+    aha.attention(q, k, v, torch.rand_like(g), window=4, backend="triton")  # soft: both, mixed in the kernel
+    assert modes == [(False, False), (True, True), (False, False), (True, False)]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "dq-pass"])
+@pytest.mark.parametrize("gate_grad", [False, True], ids=["routed", "gate-grad"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_poisoned_keys_outside_a_window_do_not_leak(gate_grad, bad, deterministic):
+    """NaN/inf keys outside a Here token's window leave its output and its dq unchanged."""
+    nq = nk = 40
+    window = 6
+    q, k, v, g, dout = _inputs(1, 2, 1, nq, nk, 16, torch.float32, seed=2)
+    j = torch.tensor([3, 20])
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, j], v2[:, :, j] = bad, bad
+    pos = position_offset(nq, nk) + torch.arange(nq, device=DEVICE)
+    reads = ((pos[:, None] >= j.to(DEVICE)) & (pos[:, None] - window < j.to(DEVICE))).any(1)
+    clean = (g == 0) & ~reads  # (B, Hq, Nq)
+    assert clean.sum() > 10
+
+    def run(k, v):
+        qq, gg = q.clone().requires_grad_(True), g.clone().requires_grad_(gate_grad)
+        out = ops.attention(qq, k, v, gg, window=window, deterministic=deterministic)
+        (dq,) = torch.autograd.grad(out, [qq], dout)
+        return out, dq
+
+    out0, dq0 = run(k, v)
+    out1, dq1 = run(k2, v2)
+    assert torch.isfinite(out1[clean]).all() and torch.isfinite(dq1[clean]).all()
+    torch.testing.assert_close(out1[clean], out0[clean], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dq1[clean], dq0[clean], rtol=1e-5, atol=1e-6)
+    assert not torch.isfinite(out1[g == 1]).all()  # All tokens do read the poisoned keys
+
+
+def test_route_order_is_a_stable_partition():
+    gen = torch.Generator().manual_seed(0)
+    is_all = torch.rand(2, 6, 23, generator=gen) < 0.3
+    order, n_all = route_order(is_all, heads_kv=2)  # (4, 69), (4,)
+    rows = group_rows(is_all, 2)  # (4, 69), row = i * 3 + hl
+    for bh in range(4):
+        want = torch.cat([torch.nonzero(rows[bh]).flatten(), torch.nonzero(~rows[bh]).flatten()])
+        assert torch.equal(order[bh].long(), want)
+        assert n_all[bh] == rows[bh].sum()
+
+
+@pytest.mark.parametrize("window", [1, 5, 40])
+def test_dkdv_ranges_cover_exactly_the_touched_blocks(window):
+    """Each key block's query block ranges agree with the forward's key block ranges
+    (aha.window.key_block_range), and blocks said to be unmasked see every key of the block."""
+    nq, nk, g, bm, bn = 37, 45, 2, 8, 8
+    gen = torch.Generator().manual_seed(window)
+    is_all = torch.rand(1, 2 * g, nq, generator=gen) < 0.4
+    order, n_all = route_order(is_all, heads_kv=2)
+    ranges = _index.dkdv_ranges(order, n_all, nq, nk, g, window, bm, bn)
+    for bh in range(order.shape[0]):
+        segments = [(True, 0, int(n_all[bh])), (False, int(n_all[bh]), g * nq)]
+        for seg, (is_all_seg, lo, hi) in enumerate(segments):
+            for t in range(num_blocks(hi - lo, bm)):
+                rows = order[bh, lo + t * bm : min(lo + (t + 1) * bm, hi)].long()
+                i = rows // g
+                kb_lo, kb_hi = key_block_range(int(i[0]), int(i[-1]) + 1, nq, nk, window, bn, is_all_seg)
+                for kb in range(num_blocks(nk, bn)):
+                    a0, a1, h0, h1, h2, h3 = ranges[bh, kb, :6].tolist()
+                    visits = a0 <= t < num_blocks(hi - lo, bm) if is_all_seg else h0 <= t < h3
+                    assert visits == (kb_lo <= kb < kb_hi), (bh, seg, t, kb)
+                    unmasked = t >= a1 if is_all_seg else h1 <= t < h2
+                    if visits and unmasked:
+                        pos = position_offset(nq, nk) + i
+                        first = 0 if is_all_seg else int(pos.max()) - window + 1
+                        assert first <= kb * bn and min((kb + 1) * bn, nk) - 1 <= int(pos.min())
+
+
+def test_interpreted_kernels_serve_only_calls_that_name_them():
+    q, k, v, g, _ = _inputs(1, 2, 1, 8, 8, 16, torch.float32)
+    chosen = aha.select(q, k, v, g, window=3)
+    assert (chosen != "triton") if INTERPRET else (chosen == "triton")
+    assert aha.select(q, k, v, g, window=3, backend="triton") == "triton"
+
+
+def test_capabilities_and_availability(monkeypatch):
+    row = next(r for r in aha.backends() if r.name == "triton")
+    assert row.status == "available" and row.backend.priority == (-1 if INTERPRET else 100)
+    caps = row.backend.capabilities
+    assert caps.head_dims == (16, 256) and "bfloat16" in caps.dtypes and "cuda" in caps.devices
+    assert ("cpu" in caps.devices) == INTERPRET
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    reason = triton_plugin._available()
+    assert "NVIDIA GPU" in reason and "TRITON_INTERPRET=1" in reason
+
+
+def test_custom_op_passes_opcheck():
+    q, k, v, g, _ = _inputs(1, 2, 1, 9, 12, 16, torch.float32, seed=1)
+    for both, gate in ((False, g), (True, g.clone().requires_grad_(True))):
+        args = (q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True), gate, 3, 0.25, both, True)
+        torch.library.opcheck(ops.aha_forward, args)
+
+
+def _traced_by_dynamo(module) -> bool:
+    """Dynamo skips files whose path contains e.g. 'triton/backends' (a checkout directory named triton)."""
+    from torch._dynamo import trace_rules
+
+    return not trace_rules.check_file(module.__file__).skipped
+
+
+@pytest.mark.skipif(not _traced_by_dynamo(ops), reason="dynamo skips this checkout's path (contains 'triton/backends')")
+def test_torch_compile_fullgraph_through_aha_attention():
+    q, k, v, _, dout = _inputs(1, 2, 1, 17, 17, 16, torch.float32, seed=4)
+    logits = torch.randn(1, 2, 17, device=DEVICE)
+
+    def step(q, k, v, logits):
+        return aha.attention(q, k, v, aha.route(logits), window=4, backend="triton")
+
+    aha.backends()  # plugins load under a lock, which dynamo cannot trace: load them before compiling
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, logits)]
+    got = torch.autograd.grad(compiled(*leaves), leaves, dout)
+    want = torch.autograd.grad(step(*leaves), leaves, dout)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_kernels_compile_for_sm90_without_spilling():
+    """The whole GPU pipeline (down to cubin, with the GPU tile sizes) runs offline; see aha_triton._aot."""
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    code = "import json, aha_triton._aot as a; print(json.dumps(a.compile_all(90, 'quick')))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    if run.returncode and "ptxas" in run.stderr and "not found" in run.stderr.lower():
+        pytest.skip("triton's ptxas is not available")
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = __import__("json").loads(run.stdout.strip().splitlines()[-1])
+    assert {r["kernel"] for r in rows} == {"_aha_fwd", "_aha_bwd_preprocess", "_aha_bwd_dkdv", "_aha_bwd_dq"}
+    for r in rows:
+        assert r["local"] == 0, f"{r['kernel']} spills: {r}"
+        assert r["shared_triton"] <= 227 * 1024, f"{r['kernel']} needs more shared memory than an H100/H200 has"
+        assert r["kernel"] == "_aha_bwd_preprocess" or r["wgmma"] > 0, f"{r['kernel']} does not use wgmma"
