@@ -12,6 +12,16 @@ def _mean(xs) -> float:
     return sum(flat) / len(flat)
 
 
+def _load(meta: dict) -> str:
+    """The machine's load average (1 min) at the start and the end of the run, where recorded."""
+    load = meta.get("load_average") or {}
+    if load.get("start") is None or load.get("end") is None:
+        return ""
+    return (
+        f" on {meta.get('cpus', '?')} CPUs, load average {load['start']:.1f} at the start, {load['end']:.1f} at the end"
+    )
+
+
 def _setup(result: dict) -> list[str]:
     m, c = result["meta"], result["meta"]["config"]
     corpus, model, pre, ft = m["corpus"], c["model"], c["pretrain"], c["finetune"]
@@ -42,7 +52,7 @@ def _setup(result: dict) -> list[str]:
         "(the same for every model), gates hard (threshold 0.5), no gradients.",
         f"* **Run**: `{m['command'] or 'python -m aha.experiments reproduce'}`, torch threads: {m['threads']}, backend "
         f"`{m['backend']}`, torch {m['torch']}: {m['seconds'] / 60:.1f} min wall time in all "
-        f"({m['cpu_seconds'] / 60:.1f} min of CPU time) on cores shared with other work.",
+        f"({m['cpu_seconds'] / 60:.1f} min of CPU time){_load(m)}.",
         "",
     ]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -140,6 +141,14 @@ def _rounded(x):
     return x
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average (other work on the machine slows the run), None where unknown."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def _meta(cfg: ExperimentConfig, corpus, data: dict, command: str) -> dict:
     """What ran, where, on what: everything the page states besides the measurements."""
     probes = {
@@ -160,6 +169,8 @@ def _meta(cfg: ExperimentConfig, corpus, data: dict, command: str) -> dict:
         "torch": torch.__version__,
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_average": {"start": _load_average()},
         "backend": _backend_name(cfg.model),
         "corpus": corpus.describe(),
         "config": {**cfg.to_dict(), "windows": cfg.windows},
@@ -190,6 +201,7 @@ def reproduce(cfg: ExperimentConfig, out: Path, *, progress: bool = True, comman
     result = {"schema": 1, "meta": _meta(cfg, corpus, data, command), "runs": []}
 
     def save():
+        result["meta"]["load_average"]["end"] = _load_average()
         result["meta"]["seconds"] = time.perf_counter() - started
         result["meta"]["cpu_seconds"] = time.process_time() - cpu_started
         (out / RESULTS_JSON).write_text(json.dumps(_rounded(result), indent=1))
