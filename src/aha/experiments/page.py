@@ -22,6 +22,25 @@ def _load(meta: dict) -> str:
     )
 
 
+def _planted(pre: dict, ft: dict) -> list[str]:
+    """The Setup line on the synthetic passkeys mixed into training, where there are any."""
+    fractions = {pre.get("passkey_fraction", 0.0), ft.get("passkey_fraction", 0.0)}
+    if fractions == {0.0}:
+        return ["* **No synthetic data**: training sees the corpus only; the passkey format is new to the model."]
+    share = " and ".join(sorted({f"{100 * f:g}%" for f in fractions}))
+    repeats = pre.get("passkey_repeats", 1)
+    again = "again at a later line start" if repeats == 1 else f"again at {repeats} later line starts"
+    return [
+        f"* **Synthetic passkeys in training**: {share} of the training sequences, in pretraining and fine-tuning "
+        "alike, get the line `# the passkey is NNNNN` (fresh random digits) inserted at a line start in their "
+        f"first half and {again}, 16 bytes to most of the sequence further on; the rest of "
+        "the sequence is training-file source (`aha.experiments.corpus.plant_passkeys`). A run without them "
+        "(commit addedee) left the full-attention model at or below chance on the probe. The probe below is "
+        "therefore "
+        "in-distribution for its format; its filler comes from held-out files only."
+    ]
+
+
 def _setup(result: dict) -> list[str]:
     m, c = result["meta"], result["meta"]["config"]
     corpus, model, pre, ft = m["corpus"], c["model"], c["pretrain"], c["finetune"]
@@ -46,6 +65,7 @@ def _setup(result: dict) -> list[str]:
         "which are new), loss = LM loss + λ·mean(sigmoid(router logits)). Sweeps: "
         f"{sweeps}. Routers start with every gate All (zero weight, bias +1, as `aha.hf.add_router`), so each "
         "fine-tune starts from exactly the full-attention model. Every fine-tune sees the same batches.",
+        *_planted(pre, ft),
         "* **Control**: the full-attention model fine-tuned for the same steps and batches with full attention; "
         "losses below are compared with it.",
         f"* **Held-out evaluation**: {c['eval_sequences']} windows of {model['context']} bytes from held-out files "
@@ -151,7 +171,8 @@ def _passkey(result: dict) -> list[str]:
         "",
         f"{result['meta']['config']['passkey_sequences']} held-out windows of {result['meta']['config']['model']['context']} "
         "bytes with the line `# the passkey is NNNNN` planted in them and `# the passkey is NNNNN` again as the "
-        "last line; the model reads them teacher-forced and must put each digit first (chance 0.1 a digit). The "
+        "last line (the format of the synthetic passkeys in training, with held-out filler and fresh digits); "
+        "the model reads them teacher-forced and must put each digit first (chance 0.1 a digit). The "
         "control replaces the planted line with a comment rule of the same length, so its accuracy is that of "
         "guessing. All shares: mean over layers and heads at the query positions (the byte before each digit) "
         "and at every other position ≥ window. The full-attention rows have no router at work (their window "
@@ -284,12 +305,15 @@ def _comparison(result: dict) -> list[str]:
             f"with no key planted, chance 0.10); {verdict}"
         )
         for kind, runs in sweeps.items():
-            p = runs[0][name]
             rows.append(
-                f"    * With {_label(result, kind)} at window {runs[0]['window']} the router is All at the query "
-                f"positions for {_mean(p['query_all_share']):.3f} of the decisions with the key planted, "
-                f"{_mean(p['query_all_share_control']):.3f} with none planted, {_mean(p['elsewhere_all_share']):.3f} "
-                "elsewhere."
+                f"    * {_label(result, kind)}: the router's All share at the query positions with the key planted / "
+                "with none planted / at every other position ≥ window, by window: "
+                + "; ".join(
+                    f"{r['window']}: {_mean(r[name]['query_all_share']):.3f} / "
+                    f"{_mean(r[name]['query_all_share_control']):.3f} / {_mean(r[name]['elsewhere_all_share']):.3f}"
+                    for r in runs
+                )
+                + "."
             )
     return rows + [""]
 
@@ -318,6 +342,9 @@ _CAVEATS = """## How this setting differs from the paper's
 * **Fine-tuning length and router learning rate.** Each fine-tune is short, with the routers at a larger
   learning rate than the rest so that they move at all in that time (see the setup); the paper fine-tunes
   far longer. The training plot shows whether the All share had levelled off.
+* **Synthetic passkeys.** A share of the training sequences carry a planted passkey (see the setup), so
+  that the small model learns retrieval at all; the paper trains on no such data and probes retrieval the
+  model learned from natural text.
 * **Router start.** The routers carry a bias that starts every gate All (as `aha.hf.add_router` does); the
   paper's released router has no bias.
 """
