@@ -295,15 +295,34 @@ def _comparison(result: dict) -> list[str]:
             continue
         acc = result["full_continued"][name]["planted"]["digit_accuracy"]
         guess = result["full_continued"][name]["control"]["digit_accuracy"]
-        verdict = (
-            "so the model retrieves it, and the probe can show where the router goes All to do so."
-            if acc > max(0.3, guess + 0.2)
-            else "so the model does not retrieve it: this probe cannot show where All is needed for retrieval."
-        )
+        if acc > max(0.3, guess + 0.2):
+            verdict = "so the model retrieves it, and the probe can show where the router goes All to do so."
+        elif acc >= guess + 0.05:
+            verdict = (
+                "so the model retrieves it only a little, above guessing but far from reliably: what the router "
+                "does at the query positions is weak evidence of where All is needed for retrieval."
+            )
+        else:
+            verdict = "so the model does not retrieve it: this probe cannot show where All is needed for retrieval."
         rows.append(
             f"* **Passkey {title}.** The full-attention control puts {acc:.2f} of the digits first ({guess:.2f} "
             f"with no key planted, chance 0.10); {verdict}"
         )
+        gaps = [
+            _mean(r[name]["query_all_share"]) - _mean(r[name]["query_all_share_control"])
+            for runs in sweeps.values()
+            for r in runs
+        ]
+        if gaps:
+            rows.append(
+                "    * With the key planted the router's All share at the query positions differs from the control's "
+                f"by {min(gaps):+.3f} to {max(gaps):+.3f} across the fine-tunes"
+                + (
+                    ": it does not go All for the key."
+                    if max(gaps) < 0.02
+                    else "; a rise there means it goes All to reach the key."
+                )
+            )
         for kind, runs in sweeps.items():
             rows.append(
                 f"    * {_label(result, kind)}: the router's All share at the query positions with the key planted / "
@@ -343,8 +362,8 @@ _CAVEATS = """## How this setting differs from the paper's
   learning rate than the rest so that they move at all in that time (see the setup); the paper fine-tunes
   far longer. The training plot shows whether the All share had levelled off.
 * **Synthetic passkeys.** A share of the training sequences carry a planted passkey (see the setup), so
-  that the small model learns retrieval at all; the paper trains on no such data and probes retrieval the
-  model learned from natural text.
+  that the small model can learn retrieval at all (the probe shows how far it did); the paper trains on no
+  such data and probes retrieval the model learned from natural text.
 * **Router start.** The routers carry a bias that starts every gate All (as `aha.hf.add_router` does); the
   paper's released router has no bias.
 """

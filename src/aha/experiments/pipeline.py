@@ -78,7 +78,8 @@ def _sweeps(
     return (Sweep("paper", LAMBDA, windows), Sweep("none", 0.0, ablation), Sweep("extra", lam_extra, extra))
 
 
-# Sized for under 50 min of CPU time with one thread (see docs/results.md for the measured time).
+# Sized for under 50 min of CPU time with one thread: `reproduce --threads 1` took 38.9 min wall, 38.8 min
+# CPU (21.4 of them pretraining) on 2 shared cores at load average 1.0-1.3 (docs/results.md).
 # Routers get 20x the fine-tuning lr: at 5e-4 they barely leave their start (bias +1), and their All share
 # had levelled off by step 40 in the 120-step fine-tunes of commit addedee, so 60 steps suffice.
 # Half the training sequences carry a passkey planted once and repeated 3 times (corpus.plant_passkeys):

@@ -190,15 +190,15 @@ def _query_shares(ax, result: dict, name: str) -> None:
 
 
 def plot_passkey(result: dict, path: Path) -> None:
-    """All share by position on each probe's sequences, All at the query vs elsewhere, and retrieval accuracy."""
+    """Per probe: All share by position, and All at the query vs the control vs elsewhere; retrieval accuracy."""
     probes = [name for name in PROBE_TITLES if name in result["meta"]["probes"]]
-    fig = _figure(13, 9)
-    top = (probes * 2)[:2] if len(probes) < 2 else probes  # one probe spans the row
-    axes = fig.subplot_mosaic([top, ["query", "accuracy"]])
+    fig = _figure(13, 13)
+    row = (probes * 2)[:2] if len(probes) < 2 else probes  # one probe spans its row
+    axes = fig.subplot_mosaic([row, [f"query {name}" for name in row], ["accuracy", "accuracy"]])
     for name in probes:
         _probe_positions(axes[name], result, name)
+        _query_shares(axes[f"query {name}"], result, name)
     axes[probes[0]].legend(fontsize=6, ncol=2)
-    _query_shares(axes["query"], result, probes[0])
     models = [("full", result["full"]), ("full+ft", result["full_continued"])]
     models += [(f"w{r['window']}{_MARKS[kind]}", r) for kind, runs in _sweeps(result) for r in runs]
     bx, width = axes["accuracy"], 0.8 / (2 * len(probes))
