@@ -106,6 +106,37 @@ def test_passkey_near_lies_at_the_distance_asked():
         build_passkey(_filler(), 2, 64, distance=(10, 60))
 
 
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_plant_passkeys_in_training_batches(repeats):
+    import re
+
+    ids = corpus_mod.sample_batch(_filler(), 64, 513, torch.Generator().manual_seed(0))
+    out = corpus_mod.plant_passkeys(ids, 0.5, torch.Generator().manual_seed(1), repeats=repeats)
+    assert out.shape == ids.shape and out.dtype == ids.dtype and not out.equal(ids)
+    planted = 0
+    for s in range(ids.shape[0]):
+        seq, orig = bytes(out[s].tolist()), bytes(ids[s].tolist())
+        lines = [m for m in re.finditer(rb"# the passkey is (\d{5})\n", seq)]
+        if not lines:
+            assert seq == orig  # left as it was
+            continue
+        planted += 1
+        assert len(lines) == 1 + repeats and lines[0].group(1)[:1] != b"0"
+        assert {m.group(1) for m in lines} == {lines[0].group(1)}  # the same key every time
+        assert lines[0].start() < 513 // 2 and lines[1].start() - lines[0].end() >= 16
+        assert all(m.start() == 0 or seq[m.start() - 1] == ord("\n") for m in lines)  # at line starts
+        rest = re.sub(rb"# the passkey is \d{5}\n", b"", seq)
+        assert orig.startswith(rest)  # the filler is the batch's own bytes, in order
+    assert 16 <= planted <= 48  # about half of 64
+    assert corpus_mod.plant_passkeys(ids, 0.0, torch.Generator()).equal(ids)
+
+
+def test_full_config_plants_passkeys_and_sweeps_the_paper_lambda_everywhere():
+    assert 0 < FULL.pretrain.passkey_fraction == FULL.finetune.passkey_fraction <= 0.5
+    paper = next(s for s in FULL.sweeps if s.kind == "paper")
+    assert paper.windows == tuple(FULL.windows) and {s.kind for s in FULL.sweeps} == {"paper", "none", "extra"}
+
+
 def test_passkey_needs_room():
     with pytest.raises(ValueError, match="context"):
         build_passkey(_filler(), 2, 50)
@@ -247,3 +278,20 @@ def test_config_checks_its_sweeps():
     with pytest.raises(ValueError, match="windows"):
         replace(QUICK, sweeps=(Sweep("paper", 3e-4, (QUICK.model.context,)),))
     assert QUICK.windows == sorted({w for s in QUICK.sweeps for w in s.windows})
+
+
+def test_committed_results_page_is_rendered_from_its_json():
+    """docs/results.md is exactly what docs/results/results.json renders to: no hand edits, no stale page."""
+    from pathlib import Path
+
+    from aha.experiments.page import render
+    from aha.experiments.report import PLOTS
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    if not (docs / "results" / "results.json").is_file():
+        pytest.skip("no committed results")
+    result = json.loads((docs / "results" / "results.json").read_text())
+    assert (docs / "results.md").read_text() == render(result, "results"), (
+        "docs/results.md is stale: run `python -m aha.experiments report`"
+    )
+    assert all((docs / "results" / name).is_file() for name in PLOTS.values())

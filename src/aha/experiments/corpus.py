@@ -15,10 +15,23 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Corpus", "stdlib_root", "stdlib_files", "is_heldout", "load_corpus", "sample_batch", "heldout_windows"]
+__all__ = [
+    "Corpus",
+    "stdlib_root",
+    "stdlib_files",
+    "is_heldout",
+    "load_corpus",
+    "sample_batch",
+    "heldout_windows",
+    "PLANT",
+    "PASSKEY_DIGITS",
+    "plant_passkeys",
+]
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 SEPARATOR = b"\n\n"  # between files in the byte stream
+PLANT = b"# the passkey is "  # a passkey line: PLANT, the digits, a newline
+PASSKEY_DIGITS = 5
 
 
 def stdlib_root() -> Path:
@@ -97,3 +110,48 @@ def sample_batch(data: torch.Tensor, batch: int, length: int, generator: torch.G
 def heldout_windows(data: torch.Tensor, count: int, length: int, seed: int = 1234) -> torch.Tensor:
     """A fixed set of ``count`` held-out windows (the same for every model evaluated) -> [count, length]."""
     return sample_batch(data, count, length, torch.Generator().manual_seed(seed))
+
+
+def _line_starts(seq: bytes, lo: int, hi: int) -> list[int]:
+    """Positions in [lo, hi) just after a newline of seq."""
+    return [i + 1 for i in range(max(lo - 1, 0), min(hi - 1, len(seq) - 1)) if seq[i] == 10]
+
+
+def plant_passkeys(
+    ids: torch.Tensor,
+    fraction: float,
+    generator: torch.Generator,
+    repeats: int = 1,
+    digits: int = PASSKEY_DIGITS,
+) -> torch.Tensor:
+    """Synthetic passkey sequences mixed into a training batch ids [B, N] (a new tensor; ids is kept).
+
+    Each sequence, with probability ``fraction``, gets the line ``# the passkey is NNNNN``
+    (fresh random digits) inserted at a line start in its first half and the same line
+    inserted ``repeats`` times again at later line starts, at least 16 bytes after the
+    first, so the distance to the first varies from a few bytes to most of the sequence;
+    the sequence is then cut back to N bytes, every repeated line kept whole. The filler
+    is the training data the batch came from, so held-out files never enter training.
+    Sequences without line starts where needed are left as they were.
+    """
+    out = ids.clone()
+    n = ids.shape[1]
+    line_len = len(PLANT) + digits + 1
+    chosen = torch.rand(ids.shape[0], generator=generator) < fraction
+    for b in chosen.nonzero().flatten().tolist():
+        seq = bytes(ids[b].to(torch.uint8).tolist())
+        firsts = _line_starts(seq, 1, n // 2)
+        if not firsts:
+            continue
+        p = firsts[int(torch.randint(len(firsts), (1,), generator=generator))]
+        # every line inserted must fit whole: the last repeat starts by n - (repeats + 1) * line_len
+        laters = _line_starts(seq, p + 16, n - (repeats + 1) * line_len + 1)
+        if len(laters) < repeats:
+            continue
+        pick = torch.randperm(len(laters), generator=generator)[:repeats].sort().values.tolist()
+        key = str(int(torch.randint(10 ** (digits - 1), 10**digits, (1,), generator=generator))).encode()
+        line = PLANT + key + b"\n"
+        cuts = [0, p, *(laters[i] for i in pick), n]
+        seq = line.join(seq[a:z] for a, z in zip(cuts, cuts[1:]))[:n]
+        out[b] = torch.tensor(list(seq), dtype=ids.dtype)
+    return out

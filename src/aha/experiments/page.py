@@ -12,6 +12,35 @@ def _mean(xs) -> float:
     return sum(flat) / len(flat)
 
 
+def _load(meta: dict) -> str:
+    """The machine's load average (1 min) at the start and the end of the run, where recorded."""
+    load = meta.get("load_average") or {}
+    if load.get("start") is None or load.get("end") is None:
+        return ""
+    return (
+        f" on {meta.get('cpus', '?')} CPUs, load average {load['start']:.1f} at the start, {load['end']:.1f} at the end"
+    )
+
+
+def _planted(pre: dict, ft: dict) -> list[str]:
+    """The Setup line on the synthetic passkeys mixed into training, where there are any."""
+    fractions = {pre.get("passkey_fraction", 0.0), ft.get("passkey_fraction", 0.0)}
+    if fractions == {0.0}:
+        return ["* **No synthetic data**: training sees the corpus only; the passkey format is new to the model."]
+    share = " and ".join(sorted({f"{100 * f:g}%" for f in fractions}))
+    repeats = pre.get("passkey_repeats", 1)
+    again = "again at a later line start" if repeats == 1 else f"again at {repeats} later line starts"
+    return [
+        f"* **Synthetic passkeys in training**: {share} of the training sequences, in pretraining and fine-tuning "
+        "alike, get the line `# the passkey is NNNNN` (fresh random digits) inserted at a line start in their "
+        f"first half and {again}, 16 bytes to most of the sequence further on; the rest of "
+        "the sequence is training-file source (`aha.experiments.corpus.plant_passkeys`). A run without them "
+        "(commit addedee) left the full-attention model at or below chance on the probe. The probe below is "
+        "therefore "
+        "in-distribution for its format; its filler comes from held-out files only."
+    ]
+
+
 def _setup(result: dict) -> list[str]:
     m, c = result["meta"], result["meta"]["config"]
     corpus, model, pre, ft = m["corpus"], c["model"], c["pretrain"], c["finetune"]
@@ -36,13 +65,14 @@ def _setup(result: dict) -> list[str]:
         "which are new), loss = LM loss + λ·mean(sigmoid(router logits)). Sweeps: "
         f"{sweeps}. Routers start with every gate All (zero weight, bias +1, as `aha.hf.add_router`), so each "
         "fine-tune starts from exactly the full-attention model. Every fine-tune sees the same batches.",
+        *_planted(pre, ft),
         "* **Control**: the full-attention model fine-tuned for the same steps and batches with full attention; "
         "losses below are compared with it.",
         f"* **Held-out evaluation**: {c['eval_sequences']} windows of {model['context']} bytes from held-out files "
         "(the same for every model), gates hard (threshold 0.5), no gradients.",
         f"* **Run**: `{m['command'] or 'python -m aha.experiments reproduce'}`, torch threads: {m['threads']}, backend "
         f"`{m['backend']}`, torch {m['torch']}: {m['seconds'] / 60:.1f} min wall time in all "
-        f"({m['cpu_seconds'] / 60:.1f} min of CPU time) on cores shared with other work.",
+        f"({m['cpu_seconds'] / 60:.1f} min of CPU time){_load(m)}.",
         "",
     ]
 
@@ -70,10 +100,21 @@ def _loss_table(result: dict) -> list[str]:
                 f"{fmt(r['heldout_loss'] - base, 4)} | {fmt(r['here_only_loss'] - base, 4)} | "
                 f"{fmt(g['all_share_beyond_window'])} | {fmt(g['all_share'])} | {fmt(1 - g['all_share_beyond_window'])} |"
             )
-    rows += ["", "Sliding window only (the pretrained weights with every gate Here, no fine-tuning), Δ vs full:", ""]
+    rows += [
+        "",
+        "Sliding window only: the pretrained weights with every gate Here, no fine-tuning, Δ against the same "
+        "weights with full attention (the pretrained row above). How much this model needs context beyond each "
+        "window, before any router is trained:",
+        "",
+    ]
     ws = result["meta"]["config"]["windows"]
     rows += ["| window | " + " | ".join(str(w) for w in ws) + " |", "| --- |" + " ---: |" * len(ws)]
-    rows += ["| Δ loss | " + " | ".join(fmt(result["full"]["here_only_loss"][str(w)] - base, 4) for w in ws) + " |", ""]
+    rows += [
+        "| Δ loss | "
+        + " | ".join(fmt(result["full"]["here_only_loss"][str(w)] - result["full"]["heldout_loss"], 4) for w in ws)
+        + " |",
+        "",
+    ]
     rows += [f"![All share and loss by window]({{out}}/{PLOTS['curve']})", ""]
     return rows
 
@@ -130,7 +171,8 @@ def _passkey(result: dict) -> list[str]:
         "",
         f"{result['meta']['config']['passkey_sequences']} held-out windows of {result['meta']['config']['model']['context']} "
         "bytes with the line `# the passkey is NNNNN` planted in them and `# the passkey is NNNNN` again as the "
-        "last line; the model reads them teacher-forced and must put each digit first (chance 0.1 a digit). The "
+        "last line (the format of the synthetic passkeys in training, with held-out filler and fresh digits); "
+        "the model reads them teacher-forced and must put each digit first (chance 0.1 a digit). The "
         "control replaces the planted line with a comment rule of the same length, so its accuracy is that of "
         "guessing. All shares: mean over layers and heads at the query positions (the byte before each digit) "
         "and at every other position ≥ window. The full-attention rows have no router at work (their window "
@@ -150,6 +192,11 @@ def _passkey(result: dict) -> list[str]:
     return rows + [f"![Passkey probe]({{out}}/{PLOTS['passkey']})", ""]
 
 
+def _mostly_all(run: dict) -> set[tuple[int, int]]:
+    """(layer, head) of the heads whose All share (positions >= window) is above one half."""
+    return {(i, j) for i, line in enumerate(run["gates"]["per_head"]) for j, v in enumerate(line) if v > 0.5}
+
+
 def _trend(shares: list[float]) -> str:
     change = shares[-1] - shares[0]
     if change > 0.05:
@@ -157,7 +204,7 @@ def _trend(shares: list[float]) -> str:
     if change >= -0.05:
         return "stays about flat across windows: no long tail shows here"
     if all(a >= b for a, b in zip(shares, shares[1:])):
-        return "falls at every step as the window grows, the paper's long tail"
+        return "falls at every step as the window grows"
     return "falls from the smallest to the largest window, though not at every step"
 
 
@@ -172,6 +219,20 @@ def _comparison(result: dict) -> list[str]:
         "window grows (a long tail of context dependency); a few heads stay mostly All.",
         "",
     ]
+    ws = result["meta"]["config"]["windows"]
+    need = [result["full"]["here_only_loss"][str(w)] - result["full"]["heldout_loss"] for w in ws]
+    ratios = [a / b for a, b in zip(need, need[1:]) if b > 0]
+    shape = (
+        f"each doubling of the window divides it by {min(ratios):.1f} to {max(ratios):.1f}: a long tail of "
+        "context dependency, as the paper finds"
+        if ratios and min(ratios) > 1
+        else "it does not fall with every doubling of the window"
+    )
+    rows.append(
+        "* **Need for context beyond the window.** Every gate forced Here on the pretrained model costs "
+        + ", ".join(f"{w}: {d:+.4f}" for w, d in zip(ws, need))
+        + f" nats/byte; {shape}."
+    )
     for kind in ("paper", "extra"):
         runs = sweeps.get(kind)
         if not runs:
@@ -202,13 +263,24 @@ def _comparison(result: dict) -> list[str]:
                     "so at this scale the paper's λ does next to nothing by itself: the move away from All comes from "
                     "the language-model gradient through the straight-through gate."
                     if abs(none - lam) < 0.05
-                    else f"the sparsity term accounts for {none - lam:+.3f} of All share beyond what the "
+                    else f"the sparsity term takes {none - lam:.3f} off the All share, beyond what the "
                     "language-model gradient through the straight-through gate does by itself."
                 )
                 rows.append(
                     f"* **What the sparsity term does.** At window {r['window']}, fine-tuning without it (λ = 0) ends "
                     f"at an All share of {none:.3f}, with the paper's λ at {lam:.3f}; {tail}"
                 )
+    for kind, runs in sweeps.items():
+        sets = [_mostly_all(r) for r in runs]
+        kept = set.intersection(*[x for x in sets if x]) if any(sets) else set()
+        if kept and sum(1 for x in sets if x) > 1:
+            windows = [str(r["window"]) for r, x in zip(runs, sets) if x]
+            rows.append(
+                f"* **The heads that stay All, {_label(result, kind)}**: "
+                + ", ".join(f"L{i}H{j}" for i, j in sorted(kept))
+                + f" {'is' if len(kept) == 1 else 'are'} mostly All at every window where any head is "
+                f"({', '.join(windows)})."
+            )
     if "paper" in sweeps:
         last = sweeps["paper"][-1]
         heads = [v for line in last["gates"]["per_head"] for v in line]
@@ -223,15 +295,45 @@ def _comparison(result: dict) -> list[str]:
             continue
         acc = result["full_continued"][name]["planted"]["digit_accuracy"]
         guess = result["full_continued"][name]["control"]["digit_accuracy"]
-        verdict = (
-            "so the model retrieves it, and the probe can show where the router goes All to do so."
-            if acc > max(0.3, guess + 0.2)
-            else "so the model does not retrieve it: this probe cannot show where All is needed for retrieval."
-        )
+        if acc > max(0.3, guess + 0.2):
+            verdict = "so the model retrieves it, and the probe can show where the router goes All to do so."
+        elif acc >= guess + 0.05:
+            verdict = (
+                "so the model retrieves it only a little, above guessing but far from reliably: what the router "
+                "does at the query positions is weak evidence of where All is needed for retrieval."
+            )
+        else:
+            verdict = "so the model does not retrieve it: this probe cannot show where All is needed for retrieval."
         rows.append(
             f"* **Passkey {title}.** The full-attention control puts {acc:.2f} of the digits first ({guess:.2f} "
             f"with no key planted, chance 0.10); {verdict}"
         )
+        gaps = [
+            _mean(r[name]["query_all_share"]) - _mean(r[name]["query_all_share_control"])
+            for runs in sweeps.values()
+            for r in runs
+        ]
+        if gaps:
+            rows.append(
+                "    * With the key planted the router's All share at the query positions differs from the control's "
+                f"by {min(gaps):+.3f} to {max(gaps):+.3f} across the fine-tunes"
+                + (
+                    ": it does not go All for the key."
+                    if max(gaps) < 0.02
+                    else "; a rise there means it goes All to reach the key."
+                )
+            )
+        for kind, runs in sweeps.items():
+            rows.append(
+                f"    * {_label(result, kind)}: the router's All share at the query positions with the key planted / "
+                "with none planted / at every other position ≥ window, by window: "
+                + "; ".join(
+                    f"{r['window']}: {_mean(r[name]['query_all_share']):.3f} / "
+                    f"{_mean(r[name]['query_all_share_control']):.3f} / {_mean(r[name]['elsewhere_all_share']):.3f}"
+                    for r in runs
+                )
+                + "."
+            )
     return rows + [""]
 
 
@@ -239,17 +341,43 @@ _INTRO = """# Results: how much global attention does a small language model nee
 
 A small-scale reproduction of the paper's measurements (Luo, Zhang, Yan, arXiv 2512.22562) with
 `aha`: a byte-level decoder trained on Python source with full attention, then fine-tuned with an
-All-or-Here router in every head at several windows. It runs on a 2-core CPU; the model has about a
-millionth of the parameters of the paper's OLMo-2 and a context of hundreds of bytes, not thousands of
-tokens, so read it as a test of the shape of the findings, not of their numbers.
+All-or-Here router in every head at several windows. It runs on a 2-core CPU; the model is thousands of
+times smaller than the paper's OLMo-2 and its context is hundreds of bytes, not thousands of tokens, so
+read it as a test of the shape of the findings, not of their numbers.
 
 This page, the plots and `{out}/results.json` (every raw number) are written by
-`python -m aha.experiments reproduce`; `python -m aha.experiments report` redraws them from the JSON.
-Do not edit them by hand.
+`nox -s reproduce` (or `python -m aha.experiments reproduce`); `python -m aha.experiments report`
+redraws them from the JSON. Do not edit them by hand.
+"""
+
+
+_CAVEATS = """## How this setting differs from the paper's
+
+* **Scale.** The model and its pretraining are tiny (see the setup); the paper fine-tunes OLMo-2, with a
+  billion parameters and more and trillions of tokens of pretraining. A small model probably uses less
+  long-range context, and so needs All less to begin with.
+* **Bytes, not tokens.** Windows here count bytes; a BPE token is about four bytes of English or code, so a
+  window of 256 bytes holds about as much text as 64 tokens, and the whole context of 512 bytes about 128.
+* **Fine-tuning length and router learning rate.** Each fine-tune is short, with the routers at a larger
+  learning rate than the rest so that they move at all in that time (see the setup); the paper fine-tunes
+  far longer. The training plot shows whether the All share had levelled off.
+* **Synthetic passkeys.** A share of the training sequences carry a planted passkey (see the setup), so
+  that the small model can learn retrieval at all (the probe shows how far it did); the paper trains on no
+  such data and probes retrieval the model learned from natural text.
+* **Router start.** The routers carry a bias that starts every gate All (as `aha.hf.add_router` does); the
+  paper's released router has no bias.
 """
 
 
 def render(result: dict, out: str) -> str:
     """The page; ``out`` is the directory of the plots relative to the page."""
-    parts = [_INTRO, *_setup(result), *_loss_table(result), *_heads(result), *_passkey(result), *_comparison(result)]
+    parts = [
+        _INTRO,
+        *_setup(result),
+        *_loss_table(result),
+        *_heads(result),
+        *_passkey(result),
+        *_comparison(result),
+        _CAVEATS,
+    ]
     return "\n".join(parts).replace("{out}", out)

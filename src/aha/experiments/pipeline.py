@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -69,24 +70,33 @@ class ExperimentConfig:
         return asdict(self)
 
 
-def _sweeps(lam_extra: float, windows: tuple[int, ...], ablation: tuple[int, ...]) -> tuple[Sweep, ...]:
-    """The paper's lambda at every window, lambda = 0 at ``ablation``, then ``lam_extra`` at every window."""
-    return (Sweep("paper", LAMBDA, windows), Sweep("none", 0.0, ablation), Sweep("extra", lam_extra, windows))
+def _sweeps(
+    lam_extra: float, windows: tuple[int, ...], ablation: tuple[int, ...], extra: tuple[int, ...] | None = None
+) -> tuple[Sweep, ...]:
+    """The paper's lambda at every window, lambda = 0 at ``ablation``, then ``lam_extra`` at ``extra`` (every window)."""
+    extra = windows if extra is None else extra
+    return (Sweep("paper", LAMBDA, windows), Sweep("none", 0.0, ablation), Sweep("extra", lam_extra, extra))
 
 
-# Sized for about 40 min on an idle 2-core machine (see docs/results.md for the measured time).
-# Routers get 20x the fine-tuning lr: at 5e-4 they barely leave their start (bias +1) in 120 steps.
+# Sized for under 50 min of CPU time with one thread: `reproduce --threads 1` took 38.9 min wall, 38.8 min
+# CPU (21.4 of them pretraining) on 2 shared cores at load average 1.0-1.3 (docs/results.md).
+# Routers get 20x the fine-tuning lr: at 5e-4 they barely leave their start (bias +1), and their All share
+# had levelled off by step 40 in the 120-step fine-tunes of commit addedee, so 60 steps suffice.
+# Half the training sequences carry a passkey planted once and repeated 3 times (corpus.plant_passkeys):
+# at 10% and 25% with one repeat (400 steps), and 25% and 50% with 3 repeats (500 steps), the full model
+# still guessed the probe's digits, so the largest of them, and 1100 pretraining steps instead of 900.
+PASSKEY = {"passkey_fraction": 0.5, "passkey_repeats": 3}
 FULL = ExperimentConfig(
     model=ModelConfig(context=512, layers=4, width=128, heads=4),
-    pretrain=TrainConfig(steps=900, batch=16, lr=3e-3, warmup=50),
-    finetune=TrainConfig(steps=120, batch=16, lr=5e-4, warmup=10, router_lr_scale=20.0, seed=1),
-    sweeps=_sweeps(3e-2, (16, 32, 64, 128, 256), (16, 256)),
+    pretrain=TrainConfig(steps=1100, batch=16, lr=3e-3, warmup=50, **PASSKEY),
+    finetune=TrainConfig(steps=60, batch=16, lr=5e-4, warmup=10, router_lr_scale=20.0, seed=1, **PASSKEY),
+    sweeps=_sweeps(3e-2, (16, 32, 64, 128, 256), (16, 256), extra=(16, 64, 256)),
 )
 
 QUICK = ExperimentConfig(
     model=ModelConfig(context=64, layers=2, width=32, heads=2),
-    pretrain=TrainConfig(steps=30, batch=8, lr=3e-3, warmup=5),
-    finetune=TrainConfig(steps=12, batch=8, lr=3e-3, warmup=2, router_lr_scale=5.0, seed=1),
+    pretrain=TrainConfig(steps=30, batch=8, lr=3e-3, warmup=5, passkey_fraction=0.25),
+    finetune=TrainConfig(steps=12, batch=8, lr=3e-3, warmup=2, router_lr_scale=5.0, seed=1, passkey_fraction=0.25),
     sweeps=_sweeps(3e-2, (8, 16, 32), (16,)),
     eval_sequences=16,
     passkey_sequences=16,
@@ -140,6 +150,14 @@ def _rounded(x):
     return x
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average (other work on the machine slows the run), None where unknown."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def _meta(cfg: ExperimentConfig, corpus, data: dict, command: str) -> dict:
     """What ran, where, on what: everything the page states besides the measurements."""
     probes = {
@@ -160,6 +178,8 @@ def _meta(cfg: ExperimentConfig, corpus, data: dict, command: str) -> dict:
         "torch": torch.__version__,
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_average": {"start": _load_average()},
         "backend": _backend_name(cfg.model),
         "corpus": corpus.describe(),
         "config": {**cfg.to_dict(), "windows": cfg.windows},
@@ -190,6 +210,7 @@ def reproduce(cfg: ExperimentConfig, out: Path, *, progress: bool = True, comman
     result = {"schema": 1, "meta": _meta(cfg, corpus, data, command), "runs": []}
 
     def save():
+        result["meta"]["load_average"]["end"] = _load_average()
         result["meta"]["seconds"] = time.perf_counter() - started
         result["meta"]["cpu_seconds"] = time.process_time() - cpu_started
         (out / RESULTS_JSON).write_text(json.dumps(_rounded(result), indent=1))

@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from aha.experiments.corpus import PLANT
 from aha.experiments.model import GateRecorder
 
 __all__ = ["PasskeyBatch", "PLANT", "build_passkey", "run_passkey"]
-
-PLANT = b"# the passkey is "
 
 
 def _neutral_line(n: int) -> bytes:

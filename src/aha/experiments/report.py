@@ -83,10 +83,10 @@ def plot_curve(result: dict, path: Path) -> None:
     ws = result["meta"]["config"]["windows"]
     bx.plot(
         ws,
-        [result["full"]["here_only_loss"][str(w)] - base for w in ws],
+        [result["full"]["here_only_loss"][str(w)] - result["full"]["heldout_loss"] for w in ws],
         "x:",
         color="grey",
-        label="pretrained, sliding window only",
+        label="pretrained, every gate Here (vs pretrained)",
     )
     ax.plot([PAPER["window"]], [1 - PAPER["here_share"]], "k*", ms=12, label="paper (OLMo-2), window 256")
     ax.set(
@@ -161,18 +161,47 @@ def _probe_positions(ax, result: dict, name: str) -> None:
     )
 
 
+_MARKS = {"paper": "", "extra": "*", "none": "°"}
+
+
+def _query_shares(ax, result: dict, name: str) -> None:
+    """Per routed model: its All share at the query positions, key planted and not, and elsewhere (>= window)."""
+    runs = [(f"w{r['window']}{_MARKS[kind]}", r[name]) for kind, rs in _sweeps(result) for r in rs]
+    width = 0.8 / 3
+    for k, (key, label) in enumerate(
+        (
+            ("query_all_share", "query positions, key planted"),
+            ("query_all_share_control", "query positions, none planted (control)"),
+            ("elsewhere_all_share", "every other position ≥ window"),
+        )
+    ):
+        values = []
+        for _, p in runs:
+            flat = [v for line in p[key] for v in line]
+            values.append(sum(flat) / len(flat))
+        ax.bar([i - 0.4 + width * (k + 0.5) for i in range(len(runs))], values, width, label=label)
+    ax.set_xticks(list(range(len(runs))), [n for n, _ in runs], rotation=60, fontsize=7)
+    ax.set(
+        ylabel="share of All (layers, heads)",
+        ylim=(0, 1.02),
+        title=f"Passkey {PROBE_TITLES[name]}: where the router goes All (* larger λ, ° λ = 0)",
+    )
+    ax.legend(fontsize=6)
+
+
 def plot_passkey(result: dict, path: Path) -> None:
-    """All share by position on each probe's sequences, and the retrieval accuracy of every model."""
+    """Per probe: All share by position, and All at the query vs the control vs elsewhere; retrieval accuracy."""
     probes = [name for name in PROBE_TITLES if name in result["meta"]["probes"]]
-    fig = _figure(6 * len(probes) + 6, 4.4)
-    axes = fig.subplots(1, len(probes) + 1)
-    for ax, name in zip(axes, probes):
-        _probe_positions(ax, result, name)
-    axes[0].legend(fontsize=6, ncol=2)
+    fig = _figure(13, 13)
+    row = (probes * 2)[:2] if len(probes) < 2 else probes  # one probe spans its row
+    axes = fig.subplot_mosaic([row, [f"query {name}" for name in row], ["accuracy", "accuracy"]])
+    for name in probes:
+        _probe_positions(axes[name], result, name)
+        _query_shares(axes[f"query {name}"], result, name)
+    axes[probes[0]].legend(fontsize=6, ncol=2)
     models = [("full", result["full"]), ("full+ft", result["full_continued"])]
-    marks = {"paper": "", "extra": "*", "none": "°"}
-    models += [(f"w{r['window']}{marks[kind]}", r) for kind, runs in _sweeps(result) for r in runs]
-    bx, width = axes[-1], 0.8 / (2 * len(probes))
+    models += [(f"w{r['window']}{_MARKS[kind]}", r) for kind, runs in _sweeps(result) for r in runs]
+    bx, width = axes["accuracy"], 0.8 / (2 * len(probes))
     for k, (name, which) in enumerate((n, w) for n in probes for w in ("planted", "control")):
         bx.bar(
             [i - 0.4 + width * (k + 0.5) for i in range(len(models))],

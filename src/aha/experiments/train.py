@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from aha.experiments.corpus import sample_batch
+from aha.experiments.corpus import plant_passkeys, sample_batch
 from aha.experiments.model import GateRecorder, init_routers, lm_loss, set_window
 from aha.nn import aha_layers
 from aha.training import RouterSparsity
@@ -31,6 +31,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     router_lr_scale: float = 1.0
     seed: int = 0
+    passkey_fraction: float = 0.0  # share of training sequences given a planted passkey (corpus.plant_passkeys)
+    passkey_repeats: int = 1  # how often the planted passkey line comes again later in its sequence
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,6 +70,8 @@ def train(
 ) -> dict:
     """Train ``model`` on random windows of ``data``: LM loss, plus ``lam * mean(sigmoid(logits))`` if lam is set.
 
+    A ``cfg.passkey_fraction`` of the windows get a synthetic passkey planted twice (``plant_passkeys``).
+
     ``tick(loss)`` is called after every step (progress). Returns the curve
     [[steps done, mean lm loss since the last entry, share of All in that step's batch or None], ...]
     after the first step and every ``log_every``, tokens, wall and CPU seconds.
@@ -83,6 +87,8 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = cfg.lr_at(step) * group["scale"]
             ids = sample_batch(data, cfg.batch, context + 1, gen)  # (B, context + 1)
+            if cfg.passkey_fraction > 0:
+                ids = plant_passkeys(ids, cfg.passkey_fraction, gen, cfg.passkey_repeats)
             lm = lm_loss(model, ids)
             loss = lm if sparsity is None else lm + sparsity()
             opt.zero_grad(set_to_none=True)
