@@ -78,17 +78,18 @@ def _sweeps(
     return (Sweep("paper", LAMBDA, windows), Sweep("none", 0.0, ablation), Sweep("extra", lam_extra, extra))
 
 
-# Sized for under 50 min of CPU time with one thread: `reproduce --threads 1` took 38.9 min wall, 38.8 min
-# CPU (21.4 of them pretraining) on 2 shared cores at load average 1.0-1.3 (docs/results.md).
+# Sized for under an hour with one thread: `reproduce --threads 1` took 54.0 min wall, 50.6 min CPU
+# (37.1 of them pretraining) on 2 shared cores at load average 0.5-1.0 (docs/results.md).
 # Routers get 20x the fine-tuning lr: at 5e-4 they barely leave their start (bias +1), and their All share
 # had levelled off by step 40 in the 120-step fine-tunes of commit addedee, so 60 steps suffice.
 # Half the training sequences carry a passkey planted once and repeated 3 times (corpus.plant_passkeys):
 # at 10% and 25% with one repeat (400 steps), and 25% and 50% with 3 repeats (500 steps), the full model
-# still guessed the probe's digits, so the largest of them, and 1100 pretraining steps instead of 900.
+# still guessed the probe's digits; with 50% / 3 repeats it retrieved 0.13-0.28 of the digits after 1100
+# pretraining steps and 0.87 (early) / 1.00 (near) after 1700: retrieval forms between the two.
 PASSKEY = {"passkey_fraction": 0.5, "passkey_repeats": 3}
 FULL = ExperimentConfig(
     model=ModelConfig(context=512, layers=4, width=128, heads=4),
-    pretrain=TrainConfig(steps=1100, batch=16, lr=3e-3, warmup=50, **PASSKEY),
+    pretrain=TrainConfig(steps=1700, batch=16, lr=3e-3, warmup=50, **PASSKEY),
     finetune=TrainConfig(steps=60, batch=16, lr=5e-4, warmup=10, router_lr_scale=20.0, seed=1, **PASSKEY),
     sweeps=_sweeps(3e-2, (16, 32, 64, 128, 256), (16, 256), extra=(16, 64, 256)),
 )
