@@ -60,7 +60,7 @@ def test_torch_routed_path_skips_dense_all(monkeypatch):
 
     q, k, v, gate = _problem()
     expected = aha.attention(q, k, v, gate.float().requires_grad_(True), window=5, backend="torch")
-    monkeypatch.setattr(sdpa, "_all_dense", lambda *a: pytest.fail("dense All branch ran for a routed gate"))
+    monkeypatch.setattr(sdpa, "all_attention", lambda *a: pytest.fail("dense All branch ran for a routed gate"))
     out = aha.attention(q, k, v, gate, window=5, backend="torch")
     torch.testing.assert_close(out, expected.detach())
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from aha.decode import handles, routed_decode
-from aha.torch_ops import is_hard_gate, mix
+from aha.torch_ops import each_sequence, is_hard_gate, mix
 from aha_cpu.causal import AllBranch, all_tokens_into
 from aha_cpu.finite import repair, split_finite
 from aha_cpu.here import HereBranch
@@ -45,13 +45,7 @@ def attention(q, k, v, gate, *, window, scale=None, cache_seqlens=None):
     if handles(q, k, v, gate):
         return routed_decode(q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens, run=_in_pool)
     if cache_seqlens is not None:
-        parts = [
-            attention(
-                q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], gate[b : b + 1], window=window, scale=scale
-            )
-            for b, n in enumerate(cache_seqlens.tolist())
-        ]
-        return torch.cat(parts)
+        return each_sequence(attention, q, k, v, gate, cache_seqlens, window=window, scale=scale)
     dtype = q.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = q.float(), k.float(), v.float()

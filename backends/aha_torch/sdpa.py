@@ -23,7 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from aha.decode import handles, routed_decode
-from aha.torch_ops import all_mask, is_hard_gate, mix, pad_token_rows, tokens_where, window_key_positions
+from aha.torch_ops import (
+    all_attention,
+    each_sequence,
+    is_hard_gate,
+    mix,
+    pad_token_rows,
+    tokens_where,
+    window_key_positions,
+)
 from aha.window import position_offset
 
 # Elements of gathered keys (or of an All mask) built at once; bounds memory.
@@ -34,14 +42,14 @@ def aha_sdpa(q, k, v, gate, *, window, scale=None):
     """q: [B, Hq, Nq, D], k, v: [B, Hkv, Nk, D], gate: [B, Hq, Nq] -> [B, Hq, Nq, D]."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not gate.requires_grad and bool((gate == 1).all()):
-        return _all_dense(q, k, v, scale)  # every token All (as AHAAttention passes when the window holds every key)
+        return all_attention(q, k, v, scale)  # every token All (as AHAAttention passes when the window holds every key)
     if handles(q, k, v, gate):
         return routed_decode(q, k, v, gate, window=window, scale=scale)
     out_here = _here(q, k, v, window, scale)
     if not gate.requires_grad and is_hard_gate(gate):
         all_idx, all_out = _all_tokens(q, k, v, gate.bool(), scale)
         return out_here.index_put(all_idx, all_out)  # All tokens overwrite their Here rows
-    return mix(gate, _all_dense(q, k, v, scale), out_here)
+    return mix(gate, all_attention(q, k, v, scale), out_here)
 
 
 def aha_sdpa_seqlens(q, k, v, gate, *, window, scale=None, cache_seqlens):
@@ -52,11 +60,7 @@ def aha_sdpa_seqlens(q, k, v, gate, *, window, scale=None, cache_seqlens):
     """
     if handles(q, k, v, gate):
         return routed_decode(q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens)
-    outs = [
-        aha_sdpa(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], gate[b : b + 1], window=window, scale=scale)
-        for b, n in enumerate(cache_seqlens.tolist())
-    ]
-    return torch.cat(outs)  # (B, Hq, Nq, D)
+    return each_sequence(aha_sdpa, q, k, v, gate, cache_seqlens, window=window, scale=scale)
 
 
 def _here(q, k, v, window, scale):
@@ -91,16 +95,6 @@ def _here_blocked(q, k, v, window, scale):
         qb, slabs(k), slabs(v), attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=hq != k.shape[1]
     )
     return o.transpose(1, 2).reshape(bsz, hq, nb * c, d)[:, :, :nq]
-
-
-def _all_dense(q, k, v, scale):
-    """Causal attention for every query, bottom-right aligned. -> [B, Hq, Nq, D]"""
-    nq, nk = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
-    if nq == nk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    mask = None if nq == 1 else all_mask(nq, nk, q.device)  # a decode step reads every key: no mask, fused kernel
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 def _here_tokens(q, k, v, idx, window, scale):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from aha.torch_ops import all_mask, is_hard_gate, pad_token_rows
+from aha.torch_ops import all_attention, is_hard_gate, pad_token_rows
 
 __all__ = ["MAX_QUERIES", "handles", "routed_decode", "here_windows", "all_groups"]
 
@@ -65,8 +65,7 @@ def routed_decode(
     is_all = gate.bool()
     every_all = bool(is_all.all())
     if every_all and cache_seqlens is None:  # plain causal attention: one fused call, as dense decoding is
-        mask = None if nq == 1 else all_mask(nq, nk, q.device)  # (Nq, Nk)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        return all_attention(q, k, v, scale)
     jobs = all_groups(q, k, v, is_all, lens, scale)
     if not every_all:
         jobs.append(lambda: here_windows(q, k, v, pos, window, scale))

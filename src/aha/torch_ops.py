@@ -6,6 +6,7 @@ Importing this module needs torch; ``import aha`` does not import it.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from aha.window import position_offset
 
@@ -15,6 +16,8 @@ __all__ = [
     "RouteSTE",
     "is_hard_gate",
     "all_mask",
+    "all_attention",
+    "each_sequence",
     "here_mask",
     "window_key_positions",
     "tokens_where",
@@ -85,6 +88,33 @@ def all_mask(nq: int, nk: int, device=None) -> torch.Tensor:
     """[Nq, Nk] bool: key j is visible to an All query i (j <= pos(i))."""
     pos = position_offset(nq, nk) + torch.arange(nq, device=device)
     return torch.arange(nk, device=device) <= pos[:, None]
+
+
+def all_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """The All branch for every query, bottom-right aligned, as one SDPA call. -> [B, Hq, Nq, D]
+
+    Nq == Nk: ``is_causal``; a decode step (Nq == 1) reads every key, so no mask and the fused
+    kernel; otherwise the `all_mask`.
+    """
+    nq, nk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if nq == nk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    mask = None if nq == 1 else all_mask(nq, nk, q.device)  # (Nq, Nk)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def each_sequence(fn, q, k, v, gate, cache_seqlens: torch.Tensor, **kw) -> torch.Tensor:
+    """``fn(q, k, v, gate, **kw)`` on each sequence b alone, its keys cut to ``cache_seqlens[b]``.
+
+    The general way to serve cache_seqlens with a kernel that takes one length: one call per
+    sequence. Returns the outputs concatenated, [B, Hq, Nq, D].
+    """
+    parts = [
+        fn(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], gate[b : b + 1], **kw)
+        for b, n in enumerate(cache_seqlens.tolist())
+    ]
+    return torch.cat(parts)
 
 
 def here_mask(nq: int, nk: int, window: int, device=None) -> torch.Tensor:
