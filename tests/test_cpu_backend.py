@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 import aha  # noqa: E402
 from aha import reference  # noqa: E402
 from aha_cpu import attention as cpu_attention  # noqa: E402
-from aha_cpu import causal, here  # noqa: E402
+from aha_cpu import causal, here, threads  # noqa: E402
 
 
 def _np(x):
@@ -312,6 +312,42 @@ def test_deterministic_and_independent_of_the_thread_count():
         torch.set_num_threads(threads)
     for a, b in zip(first, alone, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def two_threads():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_workers_run_on_one_intra_op_thread(two_threads):
+    """Each worker runs its ops on one thread, also after the caller has its own count back
+    (torch gives a thread the global count on its first parallel op unless it has one)."""
+    counts = threads.parallel(lambda item, worker: torch.get_num_threads(), range(8))
+    assert counts == [1] * 8
+    assert torch.get_num_threads() == 2
+
+
+def test_caller_serial_runs_the_caller_on_one_thread_and_keeps_the_workers(two_threads):
+    with threads.caller_serial():
+        assert torch.get_num_threads() == 1 and threads.workers() == 2
+        with threads.caller_serial():  # nested: one
+            assert torch.get_num_threads() == 1 and threads.workers() == 2
+        assert torch.get_num_threads() == 1
+        assert threads.parallel(lambda item, worker: torch.get_num_threads(), range(4)) == [1] * 4
+    assert torch.get_num_threads() == 2 and threads.workers() == 2
+    with pytest.raises(ZeroDivisionError), threads.caller_serial():
+        1 / 0
+    assert torch.get_num_threads() == 2 and threads.workers() == 2
+
+
+def test_run_jobs_returns_the_results_in_order(two_threads):
+    ran = []
+    jobs = [(cost, lambda cost=cost: ran.append(cost) or cost * 10) for cost in (1, 5, 3, 9, 2, 7)]
+    assert threads.run_jobs(jobs) == [10, 50, 30, 90, 20, 70]
+    assert sorted(ran) == [1, 2, 3, 5, 7, 9]
 
 
 def test_all_tokens_of_a_unit_split_into_several_jobs(monkeypatch):
