@@ -168,8 +168,9 @@ class _Calls:
                 name, (), {"apply": staticmethod(lambda *a, r=real, log=log, at=at: log.append(a[at]) or r.apply(*a))}
             )
             monkeypatch.setattr(cpu_attention, name, spy)
-        real_into = cpu_attention.all_tokens_into
-        monkeypatch.setattr(cpu_attention, "all_tokens_into", lambda *a: self.all.append(a[5]) or real_into(*a))
+        for name, log, at in (("all_tokens_jobs", self.all, 4), ("here_jobs", self.here, 5)):  # inference
+            real = getattr(cpu_attention, name)
+            monkeypatch.setattr(cpu_attention, name, lambda *a, r=real, log=log, at=at: log.append(a[at]) or r(*a))
 
 
 def test_a_gate_without_grad_skips_the_unselected_branch(monkeypatch):
@@ -338,8 +339,8 @@ def test_caller_serial_runs_the_caller_on_one_thread_and_keeps_the_workers(two_t
         assert torch.get_num_threads() == 1
         assert threads.parallel(lambda item, worker: torch.get_num_threads(), range(4)) == [1] * 4
     assert torch.get_num_threads() == 2 and threads.workers() == 2
-    with pytest.raises(ZeroDivisionError), threads.caller_serial():
-        1 / 0
+    with pytest.raises(RuntimeError, match="in the block"), threads.caller_serial():
+        raise RuntimeError("in the block")
     assert torch.get_num_threads() == 2 and threads.workers() == 2
 
 

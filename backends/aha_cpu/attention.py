@@ -5,7 +5,8 @@ Two paths share one entry point:
 * routed (a hard gate that needs no grad): Here only on the query tiles that
   hold Here tokens, All only for the All tokens, compacted per (batch, kv head).
   The work follows the routing; q, k and v may still need gradients. Without
-  gradients the All rows are written straight into the Here output.
+  gradients both branches' jobs go to the worker pool in one call (no barrier
+  between them) and the All rows are written straight into the Here output.
 * mixed (a soft gate, or a gate that needs grad): both branches for every
   token, mixed by :func:`aha.torch_ops.mix`, so dgate = sum_d dout * (All - Here)
   comes from the two saved outputs. The backward of each branch skips the rows
@@ -27,10 +28,10 @@ import torch
 
 from aha.decode import handles, routed_decode
 from aha.torch_ops import each_sequence, is_hard_gate, mix
-from aha_cpu.causal import AllBranch, all_tokens_into
+from aha_cpu.causal import AllBranch, all_tokens_jobs
 from aha_cpu.finite import repair, split_finite
-from aha_cpu.here import HereBranch
-from aha_cpu.threads import parallel
+from aha_cpu.here import HereBranch, here_jobs
+from aha_cpu.threads import caller_serial, parallel, run_jobs
 
 DENSE_SHARE = 0.6  # routed: above this share of All tokens, All runs for every query at once
 
@@ -77,12 +78,22 @@ def _routed(q, k, v, is_all, window, scale):
     n_all, n = int(is_all.sum()), is_all.numel()
     if n_all == n or window >= k.shape[2]:
         return AllBranch.apply(q, k, v, scale, None)
-    here = HereBranch.apply(q, k, v, window, scale, ~is_all)
     if n_all == 0:
-        return here
+        return HereBranch.apply(q, k, v, window, scale, ~is_all)
     if n_all > DENSE_SHARE * n:
-        return torch.where(is_all.unsqueeze(-1), AllBranch.apply(q, k, v, scale, None), here)
+        every = AllBranch.apply(q, k, v, scale, None)
+        return torch.where(is_all.unsqueeze(-1), every, HereBranch.apply(q, k, v, window, scale, ~is_all))
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return torch.where(is_all.unsqueeze(-1), AllBranch.apply(q, k, v, scale, is_all), here)
-    all_tokens_into(here, q, k, v, scale, is_all)  # inference: the All rows overwrite their Here rows
-    return here
+        some = AllBranch.apply(q, k, v, scale, is_all)
+        return torch.where(is_all.unsqueeze(-1), some, HereBranch.apply(q, k, v, window, scale, ~is_all))
+    return _both_in_one_pass(q, k, v, is_all, window, scale)
+
+
+@caller_serial()
+def _both_in_one_pass(q, k, v, is_all, window, scale):
+    """Inference: the Here tiles and the All tokens' jobs in one pool call, costliest first
+    (no barrier between the branches); then the All rows overwrite their Here rows."""
+    out, here = here_jobs(q, k, v, window, scale, ~is_all)
+    every, write_all = all_tokens_jobs(q, k, v, scale, is_all)
+    run_jobs(every + here)
+    return write_all(out.contiguous())

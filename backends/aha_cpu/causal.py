@@ -19,11 +19,13 @@ additive mask.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from aha.torch_ops import merge_into, pad_token_rows
 from aha.window import all_tiles
-from aha_cpu.threads import parallel, workers
+from aha_cpu.threads import caller_serial, parallel, run_jobs, workers
 
 TILE = 64  # rows of All tokens per tile (a masked flash call each)
 MASK_ELEMENTS = 1 << 20  # largest staircase mask built at once (4 MiB)
@@ -57,31 +59,36 @@ class AllBranch(torch.autograd.Function):
             out, lse = dense_forward(q, k, v, scale)
             ctx.save_for_backward(q, k, v, out, lse)
             return out
-        units = _Units(rows, k.shape[1], k.shape[2])
-        q_rows = units.gather(q)  # (B, Hkv, n, D)
-        out, lse = rows_forward(q_rows, units.pos, units.valid, k, v, scale)
-        ctx.save_for_backward(q_rows, k, v, out, lse)
-        ctx.units = units
-        return units.scatter(out, q.new_empty(q.shape))
+        with caller_serial():
+            units = _Units(rows, k.shape[1], k.shape[2])
+            q_rows = units.gather(q)  # (B, Hkv, n, D)
+            out, lse = rows_forward(q_rows, units.pos, units.valid, k, v, scale)
+            ctx.save_for_backward(q_rows, k, v, out, lse)
+            ctx.units = units
+            return units.scatter(out, q.new_empty(q.shape))
 
     @staticmethod
     def backward(ctx, dout):
         dout = dout.float()
-        if not hasattr(ctx, "units"):
-            q, k, v, out, lse = ctx.saved_tensors
-            live = (dout != 0).any(-1)  # (B, Hq, Nq): rows that get a gradient
-            if live.float().mean() > DENSE_SHARE:
-                return (*dense_backward(dout, q, k, v, out, lse, ctx.scale), None, None)
+        if hasattr(ctx, "units"):
+            q_rows, k, v, out, lse = ctx.saved_tensors
+            with caller_serial():
+                return (*_rows_backward(dout, ctx.units, q_rows, k, v, out, lse, ctx.scale), None, None)
+        q, k, v, out, lse = ctx.saved_tensors
+        live = (dout != 0).any(-1)  # (B, Hq, Nq): rows that get a gradient
+        if live.float().mean() > DENSE_SHARE:
+            return (*dense_backward(dout, q, k, v, out, lse, ctx.scale), None, None)
+        with caller_serial():
             units = _Units(live, k.shape[1], k.shape[2])
             q_rows, out, lse = units.gather(q), units.gather(out), units.gather(lse)
-            q_shape = q.shape
-        else:
-            q_rows, k, v, out, lse = ctx.saved_tensors
-            units = ctx.units
-            q_shape = dout.shape
-        do = units.gather(dout) * units.valid.unsqueeze(-1)  # padding rows repeat a token: no gradient
-        dq_rows, dk, dv = rows_backward(do, q_rows, units.pos, units.valid, k, v, out, lse, ctx.scale)
-        return units.scatter(dq_rows, dq_rows.new_zeros(q_shape)), dk, dv, None, None
+            return (*_rows_backward(dout, units, q_rows, k, v, out, lse, ctx.scale), None, None)
+
+
+def _rows_backward(dout, units, q_rows, k, v, out, lse, scale):
+    """dq [B, Hq, Nq, D], dk, dv of the gathered rows of units, from their out and lse."""
+    do = units.gather(dout) * units.valid.unsqueeze(-1)  # padding rows repeat a token: no gradient
+    dq_rows, dk, dv = rows_backward(do, q_rows, units.pos, units.valid, k, v, out, lse, scale)
+    return units.scatter(dq_rows, dq_rows.new_zeros(dout.shape)), dk, dv
 
 
 class _Units:
@@ -119,10 +126,15 @@ class _Units:
         return into.index_put_((f // (hq * nq), f // nq % hq, f % nq), rows[v])
 
 
-def all_tokens_into(out, q, k, v, scale, rows):
-    """Without autograd: All attention of the tokens in rows [B, Hq, Nq] written into out [B, Hq, Nq, D]."""
+def all_tokens_jobs(q, k, v, scale, rows):
+    """All attention of the tokens in rows [B, Hq, Nq] as jobs for :func:`aha_cpu.threads.run_jobs`.
+
+    Returns [(cost, job)] and write(into): once the jobs have run, it writes the tokens' rows
+    into ``into`` [B, Hq, Nq, D] and returns it. Float32, no autograd.
+    """
     units = _Units(rows, k.shape[1], k.shape[2])
-    units.scatter(rows_forward(units.gather(q), units.pos, units.valid, k, v, scale)[0], out)
+    out, _, jobs = rows_jobs(units.gather(q), units.pos, units.valid, k, v, scale)
+    return jobs, lambda into: units.scatter(out, into)
 
 
 def dense_forward(q, k, v, scale):
@@ -170,15 +182,20 @@ def rows_forward(rows, pos, valid, k, v, scale):
     real rows first in position order. Returns out [B, Hkv, n, D] and lse [B, Hkv, n],
     float32; padding rows hold 0 and -inf.
     """
+    out, lse, jobs = rows_jobs(rows, pos, valid, k, v, scale)
+    run_jobs(jobs)
+    return out, lse
+
+
+def rows_jobs(rows, pos, valid, k, v, scale):
+    """:func:`rows_forward` as (out, lse, [(cost, job)]): out and lse are filled once the jobs have run."""
     out = rows.new_zeros(rows.shape)
     lse = rows.new_full(rows.shape[:3], float("-inf"))
 
-    def job(item, worker):
-        b, u, r0, r1, _ = item
+    def job(b, u, r0, r1):
         out[b, u, r0:r1], lse[b, u, r0:r1] = _unit_forward(rows[b, u, r0:r1], pos[b, u, r0:r1], k[b, u], v[b, u], scale)
 
-    parallel(job, _jobs(pos, valid), cost=lambda j: j[4])
-    return out, lse
+    return out, lse, [(cost, partial(job, b, u, r0, r1)) for b, u, r0, r1, cost in _jobs(pos, valid)]
 
 
 def rows_backward(dout, rows, pos, valid, k, v, out, lse, scale):

@@ -17,11 +17,13 @@ v back onto the keys.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
 from aha.window import HereBands, here_bands
-from aha_cpu.threads import parallel, workers
+from aha_cpu.threads import caller_serial, parallel, run_jobs, workers
 
 BLOCK = 32  # queries per tile
 SCORES_PER_CHUNK = 1 << 18  # float32 scores computed at once (1 MiB): stays in L2
@@ -35,40 +37,25 @@ class HereBranch(torch.autograd.Function):
     """
 
     @staticmethod
+    @caller_serial()
     def forward(ctx, q, k, v, window, scale, rows):
-        bands = here_bands(q.shape[2], k.shape[2], window, BLOCK)
-        b, hq, nq, d = q.shape
-        hkv, g = k.shape[1], hq // k.shape[1]
-        qt = _tiles(q, bands, hkv)  # (BH, T, G*block, D)
-        todo = None if rows is None else _tiles(rows.unsqueeze(-1), bands, hkv).flatten(2).any(-1)  # (BH, T)
-        out = q.new_empty(b, hkv, g, bands.tiles, bands.block, d)  # q's layout, whole tiles
-        if todo is not None and not bool(todo.all()):
-            out.masked_fill_(~todo.view(b, hkv, 1, bands.tiles, 1, 1), 0.0)
-        scores = _Scores(bands, window, qt, k, v, scale)
-
-        def chunk(item, worker):
-            bh, t0, t1 = item
-            p, vb, o = scores.probs(bh, t0, t1), scores.vb(bh, t0, t1), out[bh // hkv, bh % hkv]
-            if g == 1:
-                torch.bmm(p, vb, out=o[0, t0:t1])
-            else:  # one product for the G heads, then each head's rows to its place in the output
-                o[:, t0:t1] = torch.bmm(p, vb).view(t1 - t0, g, bands.block, d).transpose(0, 1)
-
-        parallel(chunk, scores.chunks(todo))
-        out = out.view(b, hq, -1, d)[:, :, :nq]
+        out, jobs = here_jobs(q, k, v, window, scale, rows)
+        run_jobs(jobs)
+        out = out.contiguous()  # a copy only where queries were padded to whole tiles
         ctx.save_for_backward(q, k, v, out)
         ctx.window, ctx.scale = window, scale
-        return out if not bands.pad_right else out.contiguous()
+        return out
 
     @staticmethod
+    @caller_serial()
     def backward(ctx, dout):
         q, k, v, out = ctx.saved_tensors
         bands = here_bands(q.shape[2], k.shape[2], ctx.window, BLOCK)
-        qt = _tiles(q, bands, k.shape[1])
-        dot = _tiles(dout.float(), bands, k.shape[1])  # (BH, T, G*block, D)
-        delta = _tiles((dout.float() * out).sum(-1, keepdim=True), bands, k.shape[1])  # (BH, T, G*block, 1)
+        dout = dout.float()
+        qt, dot = _QueryTiles(q, bands, k.shape[1]), _QueryTiles(dout, bands, k.shape[1])
+        delta = _QueryTiles((dout * out).sum(-1, keepdim=True), bands, k.shape[1])  # tiles [c, G*block, 1]
         scores = _Scores(bands, ctx.window, qt, k, v, ctx.scale)
-        dq = torch.zeros_like(qt)
+        dq = qt.zeros()  # (BH, G, T, block, D)
         dk = q.new_zeros(k.shape[0] * k.shape[1], bands.tiles * bands.block + bands.halo, k.shape[3])
         dv = torch.zeros_like(dk)  # (BH, band rows, D): row r is key key_start + r
 
@@ -80,20 +67,88 @@ class HereBranch(torch.autograd.Function):
             dk_seg, dv_seg = dk.new_zeros(r1 - r0, dk.shape[2]), dv.new_zeros(r1 - r0, dv.shape[2])
             for bh, t0, t1 in chunks:
                 p = scores.probs(bh, t0, t1)  # (c, G*block, span)
-                do = dot[bh, t0:t1]
-                ds = torch.bmm(do, scores.vb(bh, t0, t1).transpose(1, 2)).sub_(delta[bh, t0:t1]).mul_(p)
-                torch.bmm(ds, scores.kb(bh, t0, t1), out=dq[bh, t0:t1])
+                do = dot(bh, t0, t1)
+                ds = torch.bmm(do, scores.vb(bh, t0, t1).transpose(1, 2)).sub_(delta(bh, t0, t1)).mul_(p)
+                qt.put(dq, bh, t0, t1, torch.bmm(ds, scores.kb(bh, t0, t1)))
                 keys = _band_rows(bands, t0, t1) - r0
-                dk_seg.index_add_(0, keys, torch.bmm(ds.transpose(1, 2), qt[bh, t0:t1]).flatten(0, 1), alpha=ctx.scale)
+                dk_seg.index_add_(0, keys, torch.bmm(ds.transpose(1, 2), qt(bh, t0, t1)).flatten(0, 1), alpha=ctx.scale)
                 dv_seg.index_add_(0, keys, torch.bmm(p.transpose(1, 2), do).flatten(0, 1))
             return item[0], r0, dk_seg, dv_seg
 
-        todo = (dot != 0).flatten(2).any(-1)  # (BH, T): tiles whose rows get a gradient
+        todo = qt.any((dout != 0).any(-1))  # (BH, T): tiles whose rows get a gradient
         for bh, r0, dk_seg, dv_seg in parallel(segment, _segments(scores.chunks(todo), workers())):
             dk[bh, r0 : r0 + dk_seg.shape[0]] += dk_seg  # neighbouring segments share their halo rows
             dv[bh, r0 : r0 + dv_seg.shape[0]] += dv_seg
-        dq = _untiles(dq.mul_(ctx.scale), q.shape)
+        dq = qt.whole(dq.mul_(ctx.scale))
         return dq, _unpad_keys(dk, bands, k.shape), _unpad_keys(dv, bands, k.shape), None, None, None
+
+
+def here_jobs(q, k, v, window, scale, rows):
+    """The Here branch of :class:`HereBranch` as jobs for :func:`aha_cpu.threads.run_jobs`.
+
+    Returns out [B, Hq, Nq, D], filled once every job has run (tiles without a requested row
+    hold 0), and [(cost, job)], the cost in query-key pairs. Float32, no autograd.
+    """
+    bands = here_bands(q.shape[2], k.shape[2], window, BLOCK)
+    qt = _QueryTiles(q, bands, k.shape[1])
+    todo = None if rows is None else qt.any(rows)  # (BH, T)
+    out = qt.empty()  # (BH, G, T, block, D)
+    if todo is not None and not bool(todo.all()):
+        out.masked_fill_(~todo[:, None, :, None, None], 0.0)
+    scores = _Scores(bands, window, qt, k, v, scale)
+
+    def chunk(bh, t0, t1):
+        p, vb = scores.probs(bh, t0, t1), scores.vb(bh, t0, t1)
+        if qt.g == 1:
+            torch.bmm(p, vb, out=out[bh, 0, t0:t1])
+        else:  # one product for the G heads, then each head's rows to its place in the output
+            qt.put(out, bh, t0, t1, torch.bmm(p, vb))
+
+    pairs = qt.rows * bands.span  # per tile
+    jobs = [((t1 - t0) * pairs, partial(chunk, bh, t0, t1)) for bh, t0, t1 in scores.chunks(todo)]
+    return qt.whole(out), jobs
+
+
+class _QueryTiles:
+    """Query tiles of x [B, Hq, Nq, E]: the G query heads of a kv head stacked in each tile's rows.
+
+    ``tiles(bh, t0, t1)`` -> [t1 - t0, G*block, E] is a view when G = 1, else a copy of just
+    those tiles (made by the worker that needs them, never of all of x). Per-tile results live
+    in [B*Hkv, G, T, block, E] (:meth:`empty`, :meth:`put`), which is x's own layout.
+    """
+
+    def __init__(self, x: torch.Tensor, bands: HereBands, hkv: int):
+        b, hq, self.nq, e = x.shape
+        self.bands, self.g, self.rows = bands, hq // hkv, (hq // hkv) * bands.block
+        if bands.pad_right:
+            x = F.pad(x, (0, 0, 0, bands.pad_right))  # (B, Hq, T*block, E)
+        self.x = x.reshape(b * hkv, self.g, bands.tiles, bands.block, e)  # a view if x is contiguous
+        self.count, self.shape = b * hkv, (b, hq, e)
+
+    def __call__(self, bh: int, t0: int, t1: int) -> torch.Tensor:
+        x = self.x[bh, :, t0:t1]  # (G, c, block, E)
+        return x.transpose(0, 1).reshape(t1 - t0, self.rows, x.shape[-1])  # (c, G*block, E)
+
+    def put(self, into: torch.Tensor, bh: int, t0: int, t1: int, y: torch.Tensor) -> None:
+        """Write tiles y [t1 - t0, G*block, E] into their place in into [B*Hkv, G, T, block, E]."""
+        into[bh, :, t0:t1] = y.view(t1 - t0, self.g, self.bands.block, -1).transpose(0, 1)
+
+    def empty(self) -> torch.Tensor:
+        return self.x.new_empty(self.x.shape[:-1] + (self.shape[2],))
+
+    def zeros(self) -> torch.Tensor:
+        return self.x.new_zeros(self.x.shape[:-1] + (self.shape[2],))
+
+    def whole(self, y: torch.Tensor) -> torch.Tensor:
+        """[B*Hkv, G, T, block, E] -> [B, Hq, Nq, E] (a view)."""
+        b, hq, e = self.shape
+        return y.view(b, hq, -1, y.shape[-1])[:, :, : self.nq]
+
+    def any(self, mask: torch.Tensor) -> torch.Tensor:
+        """[B, Hq, Nq] bool -> [B*Hkv, T]: tiles holding a True row."""
+        if self.bands.pad_right:
+            mask = F.pad(mask, (0, self.bands.pad_right))
+        return mask.reshape(self.count, self.g, self.bands.tiles, self.bands.block).any(-1).any(1)
 
 
 class _Scores:
@@ -102,7 +157,7 @@ class _Scores:
     def __init__(self, bands: HereBands, window: int, qt, k, v, scale: float):
         self.bands, self.qt, self.scale = bands, qt, scale
         self.kb, self.vb = _KeyBands(k, bands), _KeyBands(v, bands)
-        rows = qt.shape[2]
+        rows = qt.rows
         r = torch.arange(bands.block).repeat(rows // bands.block)[:, None]  # row within its head's tile
         self.col = torch.arange(bands.span)
         d = r + bands.halo - self.col  # (rows, span): how far each key lies behind the query
@@ -123,14 +178,14 @@ class _Scores:
         """Softmax over the band of each row of tiles [t0, t1): [t1 - t0, G*block, span]."""
         kb = self.kb(bh, t0, t1)
         return torch.softmax(
-            torch.baddbmm(self.mask(t0, t1), self.qt[bh, t0:t1], kb.transpose(1, 2), alpha=self.scale), -1
+            torch.baddbmm(self.mask(t0, t1), self.qt(bh, t0, t1), kb.transpose(1, 2), alpha=self.scale), -1
         )
 
     def chunks(self, todo: torch.Tensor | None):
         """(bh, t0, t1): runs of tiles, one (batch, kv head) at a time, that fit the cache and
         one source of bands; runs without a tile in ``todo`` [BH, T] are skipped."""
-        per = max(1, SCORES_PER_CHUNK // (self.qt.shape[2] * self.bands.span))
-        for bh in range(self.qt.shape[0]):
+        per = max(1, SCORES_PER_CHUNK // (self.qt.rows * self.bands.span))
+        for bh in range(self.qt.count):
             want = None if todo is None else todo[bh].tolist()
             for lo, hi in self.kb.regions:
                 for t0 in range(lo, hi, per):
@@ -188,23 +243,6 @@ def _segments(chunks, n_workers: int) -> list:
 
 def _additive(read: torch.Tensor) -> torch.Tensor:
     return torch.where(read, 0.0, float("-inf"))
-
-
-def _tiles(x: torch.Tensor, bands: HereBands, hkv: int) -> torch.Tensor:
-    """[B, Hq, Nq, D] -> [B*Hkv, T, G*block, D]: query tiles, the G heads of a kv head stacked."""
-    b, hq, nq, d = x.shape
-    if bands.pad_right:
-        x = F.pad(x, (0, 0, 0, bands.pad_right))  # (B, Hq, T*block, D)
-    x = x.view(b, hkv, hq // hkv, bands.tiles, bands.block, d).transpose(2, 3)  # (B, Hkv, T, G, block, D)
-    return x.reshape(b * hkv, bands.tiles, (hq // hkv) * bands.block, d)
-
-
-def _untiles(x: torch.Tensor, shape) -> torch.Tensor:
-    """Inverse of :func:`_tiles`: [B*Hkv, T, G*block, D] -> [B, Hq, Nq, D]."""
-    b, hq, nq, d = shape
-    hkv = x.shape[0] // b
-    x = x.view(b, hkv, x.shape[1], hq // hkv, -1, d).transpose(2, 3)  # (B, Hkv, G, T, block, D)
-    return x.reshape(b, hq, -1, d)[:, :, :nq]
 
 
 def _unpad_keys(xp: torch.Tensor, bands: HereBands, shape) -> torch.Tensor:
