@@ -331,19 +331,6 @@ def test_workers_run_on_one_intra_op_thread(two_threads):
     assert torch.get_num_threads() == 2
 
 
-def test_caller_serial_runs_the_caller_on_one_thread_and_keeps_the_workers(two_threads):
-    with threads.caller_serial():
-        assert torch.get_num_threads() == 1 and threads.workers() == 2
-        with threads.caller_serial():  # nested: one
-            assert torch.get_num_threads() == 1 and threads.workers() == 2
-        assert torch.get_num_threads() == 1
-        assert threads.parallel(lambda item, worker: torch.get_num_threads(), range(4)) == [1] * 4
-    assert torch.get_num_threads() == 2 and threads.workers() == 2
-    with pytest.raises(RuntimeError, match="in the block"), threads.caller_serial():
-        raise RuntimeError("in the block")
-    assert torch.get_num_threads() == 2 and threads.workers() == 2
-
-
 def test_run_jobs_returns_the_results_in_order(two_threads):
     ran = []
     jobs = [(cost, lambda cost=cost: ran.append(cost) or cost * 10) for cost in (1, 5, 3, 9, 2, 7)]

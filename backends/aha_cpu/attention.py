@@ -31,7 +31,7 @@ from aha.torch_ops import each_sequence, is_hard_gate, mix
 from aha_cpu.causal import AllBranch, all_tokens_jobs
 from aha_cpu.finite import repair, split_finite
 from aha_cpu.here import HereBranch, here_jobs
-from aha_cpu.threads import caller_serial, parallel, run_jobs
+from aha_cpu.threads import parallel, run_jobs
 
 DENSE_SHARE = 0.6  # routed: above this share of All tokens, All runs for every query at once
 
@@ -89,7 +89,6 @@ def _routed(q, k, v, is_all, window, scale):
     return _both_in_one_pass(q, k, v, is_all, window, scale)
 
 
-@caller_serial()
 def _both_in_one_pass(q, k, v, is_all, window, scale):
     """Inference: the Here tiles and the All tokens' jobs in one pool call, costliest first
     (no barrier between the branches); then the All rows overwrite their Here rows."""

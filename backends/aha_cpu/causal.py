@@ -25,7 +25,7 @@ import torch
 
 from aha.torch_ops import merge_into, pad_token_rows
 from aha.window import all_tiles
-from aha_cpu.threads import caller_serial, parallel, run_jobs, workers
+from aha_cpu.threads import parallel, run_jobs, workers
 
 TILE = 64  # rows of All tokens per tile (a masked flash call each)
 MASK_ELEMENTS = 1 << 20  # largest staircase mask built at once (4 MiB)
@@ -59,29 +59,26 @@ class AllBranch(torch.autograd.Function):
             out, lse = dense_forward(q, k, v, scale)
             ctx.save_for_backward(q, k, v, out, lse)
             return out
-        with caller_serial():
-            units = _Units(rows, k.shape[1], k.shape[2])
-            q_rows = units.gather(q)  # (B, Hkv, n, D)
-            out, lse = rows_forward(q_rows, units.pos, units.valid, k, v, scale)
-            ctx.save_for_backward(q_rows, k, v, out, lse)
-            ctx.units = units
-            return units.scatter(out, q.new_empty(q.shape))
+        units = _Units(rows, k.shape[1], k.shape[2])
+        q_rows = units.gather(q)  # (B, Hkv, n, D)
+        out, lse = rows_forward(q_rows, units.pos, units.valid, k, v, scale)
+        ctx.save_for_backward(q_rows, k, v, out, lse)
+        ctx.units = units
+        return units.scatter(out, q.new_empty(q.shape))
 
     @staticmethod
     def backward(ctx, dout):
         dout = dout.float()
         if hasattr(ctx, "units"):
             q_rows, k, v, out, lse = ctx.saved_tensors
-            with caller_serial():
-                return (*_rows_backward(dout, ctx.units, q_rows, k, v, out, lse, ctx.scale), None, None)
+            return (*_rows_backward(dout, ctx.units, q_rows, k, v, out, lse, ctx.scale), None, None)
         q, k, v, out, lse = ctx.saved_tensors
         live = (dout != 0).any(-1)  # (B, Hq, Nq): rows that get a gradient
         if live.float().mean() > DENSE_SHARE:
             return (*dense_backward(dout, q, k, v, out, lse, ctx.scale), None, None)
-        with caller_serial():
-            units = _Units(live, k.shape[1], k.shape[2])
-            q_rows, out, lse = units.gather(q), units.gather(out), units.gather(lse)
-            return (*_rows_backward(dout, units, q_rows, k, v, out, lse, ctx.scale), None, None)
+        units = _Units(live, k.shape[1], k.shape[2])
+        q_rows, out, lse = units.gather(q), units.gather(out), units.gather(lse)
+        return (*_rows_backward(dout, units, q_rows, k, v, out, lse, ctx.scale), None, None)
 
 
 def _rows_backward(dout, units, q_rows, k, v, out, lse, scale):

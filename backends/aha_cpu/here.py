@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from aha.window import HereBands, here_bands
-from aha_cpu.threads import caller_serial, parallel, run_jobs, workers
+from aha_cpu.threads import parallel, run_jobs, workers
 
 BLOCK = 32  # queries per tile
 SCORES_PER_CHUNK = 1 << 18  # float32 scores computed at once (1 MiB): stays in L2
@@ -37,7 +37,6 @@ class HereBranch(torch.autograd.Function):
     """
 
     @staticmethod
-    @caller_serial()
     def forward(ctx, q, k, v, window, scale, rows):
         out, jobs = here_jobs(q, k, v, window, scale, rows)
         run_jobs(jobs)
@@ -47,7 +46,6 @@ class HereBranch(torch.autograd.Function):
         return out
 
     @staticmethod
-    @caller_serial()
     def backward(ctx, dout):
         q, k, v, out = ctx.saved_tensors
         bands = here_bands(q.shape[2], k.shape[2], ctx.window, BLOCK)

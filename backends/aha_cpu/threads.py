@@ -8,12 +8,6 @@ the next chunk when it is done (largest first), and the caller blocks on the
 results: no barrier per op, no busy-waiting, and a slow worker only does less.
 
 There are ``torch.get_num_threads()`` workers; with one, the loop runs inline.
-
-After a parallel op, torch's OpenMP threads spin for a few milliseconds before they
-sleep. On a machine with as many cores as workers, the spinning threads of the
-caller's last op take cores from the workers (measured: ~7 ms of a 54 ms phase
-at 2 threads). Code that prepares work for the pool runs under :func:`caller_serial`,
-so that the caller's own ops start no OpenMP team at all.
 """
 
 from __future__ import annotations
@@ -21,14 +15,12 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import torch
 
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _size = 0
-_caller = threading.local()  # workers: the caller's thread count while it runs under caller_serial
 
 
 def _forget_pool() -> None:
@@ -42,30 +34,8 @@ if hasattr(os, "register_at_fork"):
 
 
 def workers() -> int:
-    """How many workers :func:`parallel` uses: the caller's torch intra-op threads (before :func:`caller_serial`)."""
-    return getattr(_caller, "workers", None) or max(1, torch.get_num_threads())
-
-
-@contextmanager
-def caller_serial():
-    """Run the calling thread's own ops on one intra-op thread; :func:`parallel` keeps its workers.
-
-    For code whose parallel work goes to the pool: its small ops between pool calls then wake
-    no OpenMP threads that would spin on the workers' cores. Not for code that relies on torch's
-    own intra-op threads (one big op). Nested uses are one; the count is restored on exit.
-    Usable as a decorator.
-    """
-    n = workers()
-    if n == 1 or getattr(_caller, "workers", None):
-        yield
-        return
-    _caller.workers = n
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-        _caller.workers = None
+    """How many workers :func:`parallel` uses: the caller's torch intra-op threads."""
+    return max(1, torch.get_num_threads())
 
 
 def _get_pool(n: int) -> ThreadPoolExecutor:
