@@ -367,3 +367,22 @@ def test_the_worker_pool_survives_fork():
 
 def _attend_cpu(q, k, v, g):
     return aha.attention(q, k, v, g, window=16, backend="cpu")
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 300), (2, 3, 1), (2, 3, 0), (1, 2, 64)])
+def test_pad_token_rows_compacts_each_row_in_order(shape):
+    """The selected tokens of each row first, in order; padding is index 0 and not valid."""
+    from aha.torch_ops import pad_token_rows
+
+    selected = torch.rand(shape, generator=torch.Generator().manual_seed(16)) < 0.3
+    if shape == (1, 2, 64):
+        selected[0, 0] = True  # one full row beside a sparse one
+    idx, valid = pad_token_rows(selected)
+    n_max = int(selected.sum(-1).max()) if selected.numel() else 0
+    assert idx.shape == valid.shape == (*shape[:-1], n_max)
+    for b in range(shape[0]):
+        for h in range(shape[1]):
+            want = selected[b, h].nonzero().squeeze(1)
+            assert torch.equal(idx[b, h, : len(want)], want)
+            assert valid[b, h].tolist() == [True] * len(want) + [False] * (n_max - len(want))
+            assert not idx[b, h, len(want) :].any()
