@@ -474,10 +474,9 @@ def render_docs(results: dict) -> str:
         "Each ratio is of two medians measured side by side in one process, after a warm-up; the contenders",
         "take turns. B=1, D=64, window 256, float32; the All tokens are drawn uniformly at random.",
         "",
-        f"The machine was shared with other jobs: load average {_load(m['load_average'])} when the run began,",
-        f"{_load(results.get('load_after', []))} when it ended, on {m['cores']} cores. Under such load a",
-        "two-thread op often runs on one core, and how much each contender loses to that varies from run to",
-        "run; the one-thread table measures the work each does with less of that noise.",
+    ]
+    lines += _runs_lines(results)
+    lines += [
         "",
         "### Goals",
         "",
@@ -495,6 +494,28 @@ def render_docs(results: dict) -> str:
     lines += _inference_tables(results) + _training_table(results) + _scaling_tables(results) + _memory_lines(results)
     lines += HOW.splitlines()
     return "\n".join(lines) + "\n"
+
+
+def _runs_lines(results) -> list:
+    """When and on which code each section ran, and the machine's load average (1, 5, 15 min) then."""
+    m, runs = results["machine"], results.get("runs")
+    if not runs:  # older JSON: one load figure for the whole run
+        return [
+            f"Load average {_load(m['load_average'])} when the run began, {_load(results.get('load_after', []))}",
+            f"when it ended, on {m['cores']} cores.",
+        ]
+    lines = [
+        f"Sections can be rerun alone (`--only`); each ran on the code and machine load below ({m['cores']} cores).",
+        "A two-thread op on a loaded machine often runs on one core for a while, and how much each contender",
+        "loses to that varies from run to run; the one-thread table measures the work each does with less of",
+        "that noise.",
+        "",
+        "| section | commit | date | load average before | after |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, r in runs.items():
+        lines.append(f"| {name} | {r['commit']} | {r['date']} | {_load(r['load'])} | {_load(r['load_after'])} |")
+    return lines
 
 
 def _inference_tables(results) -> list:
@@ -636,6 +657,17 @@ def _x(v) -> str:
     return "n/a" if v is None else f"{v:.2f}x"
 
 
+def _commit() -> str:
+    """The checkout's commit, marked +changes when the library's code differs from it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        clean = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", "backends"], cwd=root)
+    except OSError:
+        return "?"
+    return (rev.stdout.strip() or "?") + ("" if clean.returncode == 0 else "+changes")
+
+
 def _load(avg) -> str:
     return " ".join(f"{a:.1f}" for a in avg) if avg else "?"
 
@@ -671,9 +703,13 @@ def main(argv=None) -> None:
     }
     results = json.loads(out.read_text()) if args.only and out.exists() else {}
     results.update({"command": COMMAND + (" --quick" if args.quick else ""), "machine": machine()})
+    runs = results.setdefault("runs", {})  # per section: the code and the load it ran with
     for name, fn in sections.items():
         if not args.only or name in args.only:
+            before = list(os.getloadavg())
             results[name] = fn(cfg)
+            runs[name] = {"commit": _commit(), "date": time.strftime("%Y-%m-%d %H:%M"), "load": before}
+            runs[name]["load_after"] = list(os.getloadavg())
     results["load_after"] = list(os.getloadavg())
     results["goals"] = goals(results)
     out.parent.mkdir(parents=True, exist_ok=True)
