@@ -271,9 +271,13 @@ import sys, torch
 sys.path.insert(0, {bench!r})
 from cpu import make_inputs, dense, peak_since, WINDOW
 import aha
+def run(q, k, v, gate):
+    return aha.attention(q, k, v, gate, window=WINDOW, backend="cpu") if {which!r} == "cpu" else dense(q, k, v)
+with torch.no_grad():
+    run(*make_inputs(1024, 8, 8, 0.07))  # first use outside the block: plugin imports, thread pool
 q, k, v, gate = make_inputs({n}, 8, 8, 0.07)
 with torch.no_grad(), peak_since() as grown:
-    out = aha.attention(q, k, v, gate, window=WINDOW, backend="cpu") if {which!r} == "cpu" else dense(q, k, v)
+    out = run(q, k, v, gate)
 print(grown())
 """
 
@@ -313,7 +317,8 @@ def _maxrss() -> int:
 
 
 def bench_memory(cfg) -> dict:
-    """Peak resident memory added by one forward, each in a fresh process (inputs excluded)."""
+    """Peak resident memory added by one forward, each in a fresh process after a small warm-up call
+    (inputs, plugin imports and the thread pool excluded)."""
     n = cfg["memory"]
     out = {"N": n, "Hq": 8, "Hkv": 8, "inputs_bytes": 4 * 3 * 8 * n * D, "output_bytes": 4 * 8 * n * D}
     for which in ("cpu", "dense"):
@@ -505,12 +510,13 @@ def _runs_lines(results) -> list:
             f"when it ended, on {m['cores']} cores.",
         ]
     lines = [
-        f"Sections can be rerun alone (`--only`); each ran on the code and machine load below ({m['cores']} cores).",
+        f"Sections can be rerun alone (`--only`); each ran on the code and machine load below ({m['cores']} cores;",
+        "the load average counts the benchmark's own threads, so a section that follows another starts near 2).",
         "A two-thread op on a loaded machine often runs on one core for a while, and how much each contender",
         "loses to that varies from run to run; the one-thread table measures the work each does with less of",
         "that noise.",
         "",
-        "| section | commit | date | load average before | after |",
+        "| section | commit | finished | load average before | after |",
         "| --- | --- | --- | --- | --- |",
     ]
     for name, r in runs.items():
@@ -618,7 +624,8 @@ def _memory_lines(results) -> list:
         "",
         "### Peak memory",
         "",
-        f"One forward at N={mem['N']}, Hq=Hkv=8, each in a fresh process; the peak resident memory it adds to the",
+        f"One forward at N={mem['N']}, Hq=Hkv=8, each in a fresh process after a small warm-up call (plugin imports",
+        "and the worker pool are not counted); the peak resident memory it adds to the",
         f"{mem['inputs_bytes'] / 2**20:.0f} MiB of q, k and v (the output alone is {mem['output_bytes'] / 2**20:.0f} MiB):",
         f"cpu backend **{mem['cpu_peak_bytes'] / 2**20:.0f} MiB**, dense SDPA {mem['dense_peak_bytes'] / 2**20:.0f} MiB.",
         f"One N x N float32 matrix would take {mem['n_by_n_float32_bytes_per_head'] / 2**30:.0f} GiB per head.",
@@ -634,7 +641,9 @@ HOW = """
   pool of single-threaded workers. Per score this is close to the fused kernel's cost; the band's keys
   past the windows (12% at window 256) are the waste.
 - All: the All tokens of the query heads of each kv head are gathered into rows ordered by position,
-  each (batch, kv head) a job for the workers, 64 rows to a tile. The keys below a tile's first
+  each (batch, kv head) a job for the workers, 64 rows to a tile. In inference the All jobs and the
+  Here chunks go to the pool in one call, costliest first, so no worker waits between the branches;
+  each worker runs its ops on one intra-op thread. The keys below a tile's first
   position go through torch's fused CPU flash kernel in chunks shared by every row from some tile on
   (one unmasked call per chunk, over all those rows); the rest of the tile's keys, up to its last
   position, is one call with a mask. Partial results merge by their log-sum-exps.
@@ -658,11 +667,11 @@ def _x(v) -> str:
 
 
 def _commit() -> str:
-    """The checkout's commit, marked +changes when the library's code differs from it."""
+    """The checkout's commit, marked +changes when the library's or this benchmark's code differs from it."""
     root = Path(__file__).resolve().parent.parent
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        clean = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", "backends"], cwd=root)
+        clean = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", "backends", "benchmarks/cpu.py"], cwd=root)
     except OSError:
         return "?"
     return (rev.stdout.strip() or "?") + ("" if clean.returncode == 0 else "+changes")
