@@ -134,3 +134,18 @@ def test_add_plugin_registers_an_object_directly():
         assert aha.attention(q, k, v, g, window=2, backend="inline") is q
     finally:
         registry.reload()
+
+
+def test_first_use_inside_torch_compile():
+    """Loading plugins cannot be traced: fullgraph says what to do; without fullgraph it loads eagerly."""
+    q, k, v, _ = _inputs()
+    gate = torch.tensor([[[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0]]])
+    step = lambda q, k, v, g: aha.attention(q, k, v, g, window=2, backend="cpu")  # noqa: E731
+    registry.reload()
+    with pytest.raises(Exception, match=r"call aha\.backends\(\) once before compiling"):
+        torch.compile(step, fullgraph=True, backend="eager")(q, k, v, gate)
+    torch._dynamo.reset()
+    registry.reload()
+    out = torch.compile(step, backend="eager")(q, k, v, gate)  # a graph break where the plugins load
+    torch.testing.assert_close(out, aha.attention(q, k, v, gate, window=2, backend="reference"))
+    torch._dynamo.reset()

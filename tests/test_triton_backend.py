@@ -344,7 +344,7 @@ def test_torch_compile_fullgraph_through_aha_attention():
     def step(q, k, v, logits):
         return aha.attention(q, k, v, aha.route(logits), window=4, backend="triton")
 
-    aha.backends()  # plugins load under a lock, which dynamo cannot trace: load them before compiling
+    aha.backends()  # dynamo cannot trace loading the plugins: load them before compiling (see docs/plugins.md)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v, logits)]
     got = torch.autograd.grad(compiled(*leaves), leaves, dout)
