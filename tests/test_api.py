@@ -1,5 +1,7 @@
 """The public functions beyond the conformance suite: route, sparsity_loss, numpy in/out, torch backend paths."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -81,3 +83,20 @@ def test_torch_here_exact_path_used_when_keys_are_not_finite():
     out = aha.attention(q, k, v, torch.zeros_like(gate), window=4, backend="torch")
     assert torch.isnan(out[:, :, 3:7]).all()  # the tokens whose window holds key 3
     assert torch.isfinite(out[:, :, :3]).all() and torch.isfinite(out[:, :, 7:]).all()
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs a C++ compiler on the CPU")
+def test_torch_backend_under_torch_compile_with_inductor():
+    """torch.compile (inductor, graph breaks allowed) of the torch backend agrees with the reference;
+    its Here slabs once compiled to a wrong matmul (an unfold + permute view)."""
+    aha.backends()
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=gen) for n in (40, 48, 48))
+    gate = (torch.rand(1, 2, 40, generator=gen) < 0.3).float()
+    step = torch.compile(lambda q, k, v, g: aha.attention(q, k, v, g, window=8, backend="torch"))
+    try:
+        out = step(q, k, v, gate)
+    finally:
+        torch._dynamo.reset()
+    want = reference.attention(*(x.double().numpy() for x in (q, k, v, gate)), 8)
+    np.testing.assert_allclose(out.double().numpy(), want, rtol=1e-5, atol=1e-6)

@@ -85,7 +85,10 @@ def _here_blocked(q, k, v, window, scale):
     pad = (0, 0, max(0, -start), nb * c - nq)  # zero keys before position 0, the query padding behind
 
     def slabs(x):  # (B, Hkv, Nk, D) -> (B, nb, Hkv, c + w - 1, D); only the keys Here reads are copied
-        return F.pad(x[:, :, max(0, start) :], pad).unfold(2, span, c).permute(0, 2, 1, 4, 3)
+        xp = F.pad(x[:, :, max(0, start) :], pad)  # (B, Hkv, (nb - 1) * c + span, D), a new tensor
+        assert xp.shape[2] == (nb - 1) * c + span
+        sb, sh, sn, sd = xp.stride()  # the overlapping slabs as one view (inductor miscompiled unfold + permute)
+        return xp.as_strided((bsz, nb, xp.shape[1], span, d), (sb, c * sn, sh, sn, sd))
 
     r = torch.arange(c, device=q.device)[:, None]
     s = torch.arange(span, device=q.device)
