@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from aha.torch_ops import all_attention, is_hard_gate, pad_token_rows
+from aha.torch_ops import all_attention, all_mask, is_hard_gate, pad_token_rows, window_key_positions
 
 __all__ = ["MAX_QUERIES", "handles", "routed_decode", "here_windows", "all_groups"]
 
@@ -98,9 +98,8 @@ def _here_chunk(q, k, v, pos, w: int, scale: float) -> torch.Tensor:
     bsz, hq, nq, d = q.shape
     hkv = k.shape[1]
     ct = torch.promote_types(q.dtype, torch.float32)
-    kpos = pos[:, :, None] - (w - 1) + torch.arange(w, device=q.device)  # (B, Nq, w), oldest first
-    valid = kpos >= 0
-    kg, vg = _gather_windows(k, kpos.clamp_min(0)).to(ct), _gather_windows(v, kpos.clamp_min(0)).to(ct)
+    kpos, valid = (x.view(bsz, nq, w) for x in window_key_positions(pos.reshape(-1), w))  # (B, Nq, w), oldest first
+    kg, vg = _gather_windows(k, kpos).to(ct), _gather_windows(v, kpos).to(ct)
     qg = q.reshape(bsz, hkv, hq // hkv, nq, d).transpose(2, 3).to(ct)  # (B, Hkv, Nq, G, D)
     clipped = not bool(valid.all())  # windows reaching before key 0
     if clipped:  # zero those slots: a masked key still enters p @ V as 0 * v, and 0 * NaN is NaN
@@ -143,9 +142,7 @@ def all_groups(q, k, v, is_all, lens, scale: float) -> list:
     def group(b: int, h: int):
         rows = idx[b, h, : n_of[b][h]]  # (n,)
         length = len_of[b]
-        mask = None
-        if nq > 1:  # query i reads keys up to L_b - Nq + i
-            mask = torch.arange(length, device=q.device) <= (length - nq + rows % nq)[:, None]  # (n, L_b)
+        mask = None if nq == 1 else all_mask(nq, length, q.device)[rows % nq]  # (n, L_b): keys up to L_b - Nq + i
         kr, vr = k[b, h, :length][None, None], v[b, h, :length][None, None]  # (1, 1, L_b, D), views
         o = F.scaled_dot_product_attention(qf[b, h, rows][None, None], kr, vr, attn_mask=mask, scale=scale)
         return (b, h * g + rows // nq, rows % nq), o[0, 0]  # (n, D)
