@@ -31,7 +31,7 @@ from aha.torch_ops import each_sequence, is_hard_gate, mix
 from aha_cpu.causal import AllBranch, all_tokens_jobs
 from aha_cpu.finite import repair, split_finite
 from aha_cpu.here import HereBranch, here_jobs
-from aha_cpu.threads import parallel, run_jobs
+from aha_cpu.threads import run_jobs
 
 DENSE_SHARE = 0.6  # routed: above this share of All tokens, All runs for every query at once
 
@@ -70,7 +70,7 @@ def attention(q, k, v, gate, *, window, scale=None, cache_seqlens=None):
 
 def _in_pool(jobs) -> list:
     """Run the decode jobs on the worker pool: groups in parallel, and no barrier per small op."""
-    return parallel(lambda job, worker: job(), jobs)
+    return run_jobs([(1, job) for job in jobs])  # equal costs: taken in order
 
 
 def _routed(q, k, v, is_all, window, scale):

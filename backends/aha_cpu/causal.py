@@ -113,14 +113,9 @@ class _Units:
         return rows.view(*self.flat.shape, *x.shape[3:])
 
     def scatter(self, rows: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`gather` on the real rows: [B, Hkv, n, D] written into [B, Hq, Nq, D]."""
-        v = self.valid
-        if into.is_contiguous():
-            into.view(-1, into.shape[-1]).index_copy_(0, self.flat[v], rows[v])
-            return into
-        b, hq, nq, _ = into.shape
-        f = self.flat[v]
-        return into.index_put_((f // (hq * nq), f // nq % hq, f % nq), rows[v])
+        """Inverse of :meth:`gather` on the real rows: [B, Hkv, n, D] written into contiguous [B, Hq, Nq, D]."""
+        into.view(-1, into.shape[-1]).index_copy_(0, self.flat[self.valid], rows[self.valid])
+        return into
 
 
 def all_tokens_jobs(q, k, v, scale, rows):

@@ -110,7 +110,7 @@ def here_jobs(q, k, v, window, scale, rows):
 class _QueryTiles:
     """Query tiles of x [B, Hq, Nq, E]: the G query heads of a kv head stacked in each tile's rows.
 
-    ``tiles(bh, t0, t1)`` -> [t1 - t0, G*block, E] is a view when G = 1, else a copy of just
+    ``qt(bh, t0, t1)`` -> [t1 - t0, G*block, E] is a view when G = 1, else a copy of just
     those tiles (made by the worker that needs them, never of all of x). Per-tile results live
     in [B*Hkv, G, T, block, E] (:meth:`empty`, :meth:`put`), which is x's own layout.
     """
@@ -121,7 +121,7 @@ class _QueryTiles:
         if bands.pad_right:
             x = F.pad(x, (0, 0, 0, bands.pad_right))  # (B, Hq, T*block, E)
         self.x = x.reshape(b * hkv, self.g, bands.tiles, bands.block, e)  # a view if x is contiguous
-        self.count, self.shape = b * hkv, (b, hq, e)
+        self.count, self.heads = b * hkv, (b, hq)
 
     def __call__(self, bh: int, t0: int, t1: int) -> torch.Tensor:
         x = self.x[bh, :, t0:t1]  # (G, c, block, E)
@@ -132,15 +132,14 @@ class _QueryTiles:
         into[bh, :, t0:t1] = y.view(t1 - t0, self.g, self.bands.block, -1).transpose(0, 1)
 
     def empty(self) -> torch.Tensor:
-        return self.x.new_empty(self.x.shape[:-1] + (self.shape[2],))
+        return self.x.new_empty(self.x.shape)
 
     def zeros(self) -> torch.Tensor:
-        return self.x.new_zeros(self.x.shape[:-1] + (self.shape[2],))
+        return self.x.new_zeros(self.x.shape)
 
     def whole(self, y: torch.Tensor) -> torch.Tensor:
         """[B*Hkv, G, T, block, E] -> [B, Hq, Nq, E] (a view)."""
-        b, hq, e = self.shape
-        return y.view(b, hq, -1, y.shape[-1])[:, :, : self.nq]
+        return y.view(*self.heads, -1, y.shape[-1])[:, :, : self.nq]
 
     def any(self, mask: torch.Tensor) -> torch.Tensor:
         """[B, Hq, Nq] bool -> [B*Hkv, T]: tiles holding a True row."""
