@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from aha.experiments.report import PAPER, PLOTS, _label, _sweeps, fmt
+from aha.experiments.report import PAPER, PLOTS, _label, _mean, _sweeps, fmt
 
 __all__ = ["render"]
-
-
-def _mean(xs) -> float:
-    flat = [v for row in xs for v in row] if xs and isinstance(xs[0], list) else list(xs)
-    return sum(flat) / len(flat)
 
 
 def _load(meta: dict) -> str:

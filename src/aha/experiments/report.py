@@ -164,6 +164,12 @@ def _probe_positions(ax, result: dict, name: str) -> None:
 _MARKS = {"paper": "", "extra": "*", "none": "°"}
 
 
+def _mean(xs) -> float:
+    """Mean of a list, or of a list of lists (e.g. a share per layer and head)."""
+    flat = [v for row in xs for v in row] if xs and isinstance(xs[0], list) else list(xs)
+    return sum(flat) / len(flat)
+
+
 def _query_shares(ax, result: dict, name: str) -> None:
     """Per routed model: its All share at the query positions, key planted and not, and elsewhere (>= window)."""
     runs = [(f"w{r['window']}{_MARKS[kind]}", r[name]) for kind, rs in _sweeps(result) for r in rs]
@@ -175,10 +181,7 @@ def _query_shares(ax, result: dict, name: str) -> None:
             ("elsewhere_all_share", "every other position ≥ window"),
         )
     ):
-        values = []
-        for _, p in runs:
-            flat = [v for line in p[key] for v in line]
-            values.append(sum(flat) / len(flat))
+        values = [_mean(p[key]) for _, p in runs]
         ax.bar([i - 0.4 + width * (k + 0.5) for i in range(len(runs))], values, width, label=label)
     ax.set_xticks(list(range(len(runs))), [n for n, _ in runs], rotation=60, fontsize=7)
     ax.set(

@@ -70,7 +70,8 @@ def train(
 ) -> dict:
     """Train ``model`` on random windows of ``data``: LM loss, plus ``lam * mean(sigmoid(logits))`` if lam is set.
 
-    A ``cfg.passkey_fraction`` of the windows get a synthetic passkey planted twice (``plant_passkeys``).
+    A ``cfg.passkey_fraction`` of the windows get a synthetic passkey line, repeated ``cfg.passkey_repeats``
+    times further on (``plant_passkeys``).
 
     ``tick(loss)`` is called after every step (progress). Returns the curve
     [[steps done, mean lm loss since the last entry, share of All in that step's batch or None], ...]
