@@ -21,7 +21,7 @@ from importlib.metadata import entry_points
 import pluggy
 
 from aha import hookspecs
-from aha.validation import FLOAT_DTYPES, Problem, _is_compiling
+from aha.validation import FLOAT_DTYPES, Problem, is_compiling
 
 __all__ = ["Backend", "Capabilities", "BackendInfo", "PluginError", "BackendError", "registry", "select_backend"]
 
@@ -170,7 +170,7 @@ class Registry:
     def _ensure_loaded(self) -> None:
         if self._ready:  # lock-free once loaded, so that torch.compile(fullgraph=True) can trace aha.attention
             return
-        if _is_compiling():  # loading imports plugins: torch.compile cannot trace that
+        if is_compiling():  # loading imports plugins: torch.compile cannot trace that
             raise RuntimeError(
                 "aha: the backends load on first use, and torch.compile cannot trace loading them; "
                 "call aha.backends() once before compiling code that calls aha.attention"

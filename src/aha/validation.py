@@ -11,7 +11,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
-__all__ = ["Problem", "validate_attention", "validate_window", "array_kind", "dtype_name"]
+__all__ = ["Problem", "validate_attention", "validate_window", "array_kind", "dtype_name", "is_compiling"]
 
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
@@ -119,13 +119,14 @@ def _validate_gate(gate, q, kind: str, dtype: str) -> None:
         raise TypeError(f"gate must be bool or q's dtype {dtype}, got {gdt}; convert it with gate.to(q.dtype)")
     if str(getattr(gate, "device", "cpu")) != str(getattr(q, "device", "cpu")):
         raise ValueError(f"gate must be on q's device {q.device}, got {gate.device}")
-    if gdt != "bool" and not _is_compiling():
+    if gdt != "bool" and not is_compiling():
         bad = (gate < 0) | (gate > 1) | (gate != gate)
         if bool(bad.any()):
             raise ValueError("gate values must lie in [0, 1] (1 = All, 0 = Here); found values outside it or NaN")
 
 
-def _is_compiling() -> bool:
+def is_compiling() -> bool:
+    """True while torch.compile traces the caller (False without torch): value checks wait for eager calls."""
     try:
         import torch
     except ImportError:
@@ -144,7 +145,7 @@ def _validate_seqlens(cache_seqlens, q, kind: str, nk: int) -> None:
         raise TypeError(f"cache_seqlens must be integers, got {dtype_name(cache_seqlens)}")
     if str(getattr(cache_seqlens, "device", "cpu")) != str(getattr(q, "device", "cpu")):
         raise ValueError(f"cache_seqlens must be on q's device {q.device}, got {cache_seqlens.device}")
-    if _is_compiling():  # reading the values would break the graph; checked in eager calls
+    if is_compiling():  # reading the values would break the graph; checked in eager calls
         return
     lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
     if lo < nq or hi > nk:
