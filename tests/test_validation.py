@@ -103,7 +103,7 @@ def test_cache_seqlens_are_checked():
     q, k, v, g = _ok(b=2)
     with pytest.raises(ValueError, match=r"cache_seqlens must have shape \[B\] = \(2,\), got \(3,\)"):
         _call(q, k, v, g, cache_seqlens=torch.tensor([5, 6, 7]))
-    with pytest.raises(TypeError, match="cache_seqlens must be integers, got float32"):
+    with pytest.raises(TypeError, match=r"cache_seqlens must be integers \(int32 or int64\), got float32"):
         _call(q, k, v, g, cache_seqlens=torch.tensor([5.0, 6.0]))
     with pytest.raises(ValueError, match=r"lie in \[Nq, Nk\] = \[5, 7\].*\[4, 6\]"):
         _call(q, k, v, g, cache_seqlens=torch.tensor([4, 6]))

@@ -14,12 +14,12 @@ from aha import reference
 from aha.registry import Capabilities
 
 
-def forward(q, k, v, gate, *, window, scale=None, cache_seqlens=None):
+def forward(q, k, v, gate, *, window, scale=None, cache_seqlens=None, **ragged):
     if isinstance(q, np.ndarray):
-        return reference.attention(q, k, v, gate, window, scale, cache_seqlens).astype(q.dtype)
+        return reference.attention(q, k, v, gate, window, scale, cache_seqlens, **ragged).astype(q.dtype)
     from aha_reference.torch_bridge import ReferenceFunction
 
-    return ReferenceFunction.apply(q, k, v, gate, window, scale, cache_seqlens)
+    return ReferenceFunction.apply(q, k, v, gate, window, scale, {"cache_seqlens": cache_seqlens, **ragged})
 
 
 @aha.hookimpl
@@ -28,7 +28,7 @@ def register_backends(register):
         aha.Backend(
             name="reference",
             forward=forward,
-            capabilities=Capabilities(arrays=("numpy", "torch"), devices=("cpu",), seqlens=True),
+            capabilities=Capabilities(arrays=("numpy", "torch"), devices=("cpu",), seqlens=True, leftpad=True, packed=True),
             priority=0,
             description="NumPy float64 specification; exact and slow (O(N^2) Python loop per query)",
         )

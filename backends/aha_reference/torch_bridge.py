@@ -13,18 +13,19 @@ def _np(x: torch.Tensor):
 
 class ReferenceFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, gate, window, scale, cache_seqlens):
+    def forward(ctx, q, k, v, gate, window, scale, ragged):
+        """ragged: the ragged-batch keywords (cache_seqlens, cache_leftpad, cu_seqlens_q, ...), None when absent."""
         ctx.save_for_backward(q, k, v, gate)
         ctx.window, ctx.scale = window, scale
-        ctx.seqlens = None if cache_seqlens is None else cache_seqlens.cpu().numpy()
-        out = reference.attention(_np(q), _np(k), _np(v), _np(gate), window, scale, ctx.seqlens)
+        ctx.ragged = {n: x.cpu().numpy() if isinstance(x, torch.Tensor) else x for n, x in ragged.items() if x is not None}
+        out = reference.attention(_np(q), _np(k), _np(v), _np(gate), window, scale, **ctx.ragged)
         return torch.from_numpy(out).to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, gate = ctx.saved_tensors
         grads = reference.attention_vjp(
-            _np(q), _np(k), _np(v), _np(gate), ctx.window, _np(dout), ctx.scale, ctx.seqlens
+            _np(q), _np(k), _np(v), _np(gate), ctx.window, _np(dout), ctx.scale, **ctx.ragged
         )
         dq, dk, dv, dgate = (torch.from_numpy(g) for g in grads)
         dgate = dgate.to(gate.dtype) if gate.is_floating_point() else None

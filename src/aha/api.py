@@ -8,7 +8,22 @@ from aha.validation import array_kind, validate_attention
 __all__ = ["attention", "route", "sparsity_loss", "backends", "select"]
 
 
-def attention(q, k, v, gate, *, window, scale=None, cache_seqlens=None, backend=None):
+def attention(
+    q,
+    k,
+    v,
+    gate,
+    *,
+    window,
+    scale=None,
+    cache_seqlens=None,
+    cache_leftpad=None,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    backend=None,
+):
     """All-or-Here attention: per token and head, full causal attention (All) or a sliding window (Here).
 
     Args:
@@ -27,6 +42,19 @@ def attention(q, k, v, gate, *, window, scale=None, cache_seqlens=None, backend=
             ``k[b, :, :cache_seqlens[b]]`` and its queries sit at
             ``cache_seqlens[b] - Nq + i``. Keys past that are never read. Needs a
             backend whose capabilities declare ``seqlens``.
+        cache_leftpad (Tensor | ndarray | None): optional [B] ints, for a left-padded batch: row b's
+            keys ``k[b, :, :cache_leftpad[b]]`` are padding and never read; its sequence starts at key
+            ``cache_leftpad[b]`` (and ends at ``cache_seqlens[b]``, or Nk). A query that sits before
+            it (a padding query) reads no key: its output is 0 and it gets no gradient. Needs a
+            backend that declares ``leftpad``.
+        cu_seqlens_q (Tensor | ndarray | None): packed sequences (B = 1): [S + 1] ints from 0 to Nq,
+            non-decreasing; sequence s owns queries ``[cu_seqlens_q[s], cu_seqlens_q[s + 1])``.
+        cu_seqlens_k (Tensor | ndarray | None): [S + 1] ints from 0 to Nk; sequence s owns keys
+            ``[cu_seqlens_k[s], cu_seqlens_k[s + 1])``, at least as many as its queries, which align
+            bottom-right with them. No token reads a key of another sequence. Pass both or neither
+            (the same tensor twice for self-attention); needs a backend that declares ``packed``.
+        max_seqlen_q (int | None): optional hint, the longest query sequence (checked, never trusted).
+        max_seqlen_k (int | None): optional hint, the longest key sequence.
         backend (str | None): a registered backend name, or None for the highest-priority
             available backend whose capabilities accept these inputs.
 
@@ -49,20 +77,22 @@ def attention(q, k, v, gate, *, window, scale=None, cache_seqlens=None, backend=
 
         Here, i = 4:  . . x x x .        All, i = 4:  x x x x x .
     """
-    problem = validate_attention(q, k, v, gate, window, scale, cache_seqlens)
+    problem = validate_attention(
+        q, k, v, gate, window, scale, cache_seqlens,
+        cache_leftpad=cache_leftpad, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+    )  # fmt: skip
     chosen = select_backend(problem, backend)
-    if cache_seqlens is None:
-        return chosen.forward(q, k, v, gate, window=problem.window, scale=scale)
-    return chosen.forward(q, k, v, gate, window=problem.window, scale=scale, cache_seqlens=cache_seqlens)
+    return chosen.forward(q, k, v, gate, window=problem.window, scale=scale, **problem.ragged.kwargs())
 
 
-def select(q, k, v, gate, *, window, scale=None, cache_seqlens=None, backend=None) -> str:
+def select(q, k, v, gate, *, window, scale=None, backend=None, **ragged) -> str:
     """The name of the backend that ``attention`` would use for these inputs.
 
-    Takes the same arguments as ``attention``, validates them the same way,
-    and raises the same errors; it computes nothing.
+    Takes the same arguments as ``attention`` (the ragged-batch ones as keywords), validates
+    them the same way, and raises the same errors; it computes nothing.
     """
-    return select_backend(validate_attention(q, k, v, gate, window, scale, cache_seqlens), backend).name
+    return select_backend(validate_attention(q, k, v, gate, window, scale, **ragged), backend).name
 
 
 def route(logits, threshold: float = 0.5):

@@ -10,6 +10,7 @@ Shapes:
     q: [B, Hq, Nq, D]   k, v: [B, Hkv, Nk, D]   gate: [B, Hq, Nq]
     query head h reads kv head h // (Hq // Hkv)
     query i sits at pos(i) = Nk - Nq + i
+    ragged batches (cache_seqlens, cache_leftpad, cu_seqlens_q/k): each sequence alone (aha.sequences)
 
     out = gate * All + (1 - gate) * Here        (selection where gate is 0 or 1)
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from aha.sequences import segments
 from aha.window import key_range, position_offset
 
 __all__ = [
@@ -113,33 +115,38 @@ def mix(g, out_all, out_here):
     return np.where(g == 1.0, out_all, np.where(g == 0.0, out_here, blend))
 
 
-def attention(q, k, v, gate, window, scale=None, cache_seqlens=None):
+def attention(q, k, v, gate, window, scale=None, cache_seqlens=None, **ragged):
     """AHA forward in float64. Returns [B, Hq, Nq, D] float64.
 
     With ``cache_seqlens`` ([B] ints), sequence b's keys are ``k[b, :, :cache_seqlens[b]]``
     and its queries sit at positions cache_seqlens[b] - Nq + i; later keys are never read.
+    ``ragged`` takes the other ragged-batch arguments: ``cache_leftpad`` ([B] ints: row b's
+    sequence starts at key cache_leftpad[b]; a query before it reads nothing and outputs 0),
+    or packed sequences ``cu_seqlens_q``, ``cu_seqlens_k`` ([S + 1] ints, B = 1); see
+    `aha.sequences`. Each sequence is computed alone, on its own slices of q, k, v.
     """
-    if cache_seqlens is not None:
-        return _per_sequence(attention, (q, k, v, gate), window, scale, cache_seqlens)[0]
+    if cache_seqlens is not None or _given(ragged):
+        return _each_segment(attention, (q, k, v, gate), window, scale, cache_seqlens, ragged)[0]
     q, k, v, g, scale = _prepare(q, k, v, gate, scale)
     out_all = branch_forward(q, k, v, window, True, scale)
     out_here = branch_forward(q, k, v, window, False, scale)
     return mix(g, out_all, out_here)
 
 
-def attention_vjp(q, k, v, gate, window, dout, scale=None, cache_seqlens=None):
+def attention_vjp(q, k, v, gate, window, dout, scale=None, cache_seqlens=None, **ragged):
     """Explicit VJP of ``attention``: returns (dq, dk, dv, dgate) in float64.
 
     dAll = gate * dout, dHere = (1 - gate) * dout, and
     dgate[b, h, i] = sum_d dout[b, h, i, d] * (All - Here)[b, h, i, d].
-    Keys past ``cache_seqlens[b]`` get zero gradient.
+    With ragged batches (``cache_seqlens``, ``ragged`` as in `attention`), keys no sequence
+    reads (past ``cache_seqlens[b]``, before ``cache_leftpad[b]``) and padding queries get zero gradient.
     """
-    if cache_seqlens is not None:
+    if cache_seqlens is not None or _given(ragged):
 
         def one_sequence(q, k, v, gate, dout, window, scale):
             return attention_vjp(q, k, v, gate, window, dout, scale)
 
-        return _per_sequence(one_sequence, (q, k, v, gate, dout), window, scale, cache_seqlens)
+        return _each_segment(one_sequence, (q, k, v, gate, dout), window, scale, cache_seqlens, ragged)
     hkv = np.shape(k)[1]
     q, k, v, g, scale = _prepare(q, k, v, gate, scale)
     dout = np.asarray(dout, dtype=np.float64)
@@ -152,23 +159,41 @@ def attention_vjp(q, k, v, gate, window, dout, scale=None, cache_seqlens=None):
     return dq, _fold_kv(dk, hkv), _fold_kv(dv, hkv), dgate
 
 
-def _per_sequence(fn, arrays, window, scale, cache_seqlens):
-    """Run ``fn`` on each sequence b with its keys cut to cache_seqlens[b]; zero-pad the key grads.
+_RAGGED = ("cache_leftpad", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
 
-    arrays = (q, k, v, gate[, dout]); fn returns one array (the forward) or (dq, dk, dv, dgate).
+
+def _given(ragged: dict) -> bool:
+    unknown = set(ragged) - set(_RAGGED)
+    if unknown:
+        raise TypeError(f"unexpected ragged-batch arguments {sorted(unknown)}; known: {', '.join(_RAGGED)}")
+    return any(ragged.get(name) is not None for name in _RAGGED[:3])
+
+
+def _each_segment(fn, arrays, window, scale, cache_seqlens, ragged):
+    """Run ``fn`` on each sequence alone (its slices of q, k, v, gate[, dout]); zeros elsewhere.
+
+    fn returns one array (the forward) or (dq, dk, dv, dgate); a padding query's output and
+    every gradient outside the sequences' slices stay 0.
     """
-    q, k = arrays[0], arrays[1]
-    results = None
-    for b, n in enumerate(np.asarray(cache_seqlens).tolist()):
-        one = [np.asarray(x)[b : b + 1] for x in arrays]
-        one[1], one[2] = one[1][:, :, :n], one[2][:, :, :n]  # (1, Hkv, n, D)
+    q, k = (np.asarray(x) for x in arrays[:2])
+    np_ = lambda x: None if x is None else np.asarray(x)  # noqa: E731
+    parts = segments(
+        q.shape[0], q.shape[2], k.shape[2],
+        cu_seqlens_q=np_(ragged.get("cu_seqlens_q")), cu_seqlens_k=np_(ragged.get("cu_seqlens_k")),
+        cache_seqlens=np_(cache_seqlens), cache_leftpad=np_(ragged.get("cache_leftpad")),
+    )  # fmt: skip
+    n_out = 4 if len(arrays) == 5 else 1
+    shapes = [q.shape, k.shape, k.shape, q.shape[:3]][:n_out]
+    results = tuple(np.zeros(sh) for sh in shapes)
+    for sg in parts:
+        qs, ks = slice(sg.q_lo, sg.q_hi), slice(sg.k_lo, sg.k_hi)
+        b = slice(sg.batch, sg.batch + 1)
+        one = [np.asarray(x)[b, :, qs] for x in arrays]  # q, gate, dout: the segment's queries
+        one[1], one[2] = np.asarray(arrays[1])[b, :, ks], np.asarray(arrays[2])[b, :, ks]  # (1, Hkv, n_k, D)
         res = fn(*one, window, scale)
         res = res if isinstance(res, tuple) else (res,)
-        if results is None:
-            shapes = [q.shape, k.shape, k.shape, q.shape[:3]] if len(res) == 4 else [q.shape]
-            results = tuple(np.zeros(sh) for sh in shapes)
-        for full, part in zip(results, res):
-            full[b : b + 1, :, : part.shape[2]] = part
+        for i, (full, part) in enumerate(zip(results, res)):
+            full[b, :, ks if i in (1, 2) else qs] += part  # dk, dv over keys; out, dq, dgate over queries
     return results
 
 

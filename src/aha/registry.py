@@ -47,6 +47,11 @@ class Capabilities:
         cross: whether it serves ``Nq < Nk`` (decoding, chunked prefill against a KV cache).
         seqlens: whether it takes ``cache_seqlens``, per-sequence key lengths in a batch;
             ``forward`` then receives ``cache_seqlens=`` as a keyword.
+        leftpad: whether it takes ``cache_leftpad``, padding slots at the start of each row
+            (left-padded batches); ``forward`` then receives ``cache_leftpad=``.
+        packed: whether it takes packed sequences (B = 1, ``cu_seqlens_q``, ``cu_seqlens_k``);
+            ``forward`` then receives ``cu_seqlens_q=``, ``cu_seqlens_k=``, ``max_seqlen_q=`` and
+            ``max_seqlen_k=`` (the longest sequences, or None while torch.compile traces).
         head_dims: inclusive range ``(lo, hi)`` of the head dim D it serves.
         deterministic: whether two identical calls give bitwise identical results.
             Informational: selection does not look at it.
@@ -58,6 +63,8 @@ class Capabilities:
     grad: bool = True  # differentiable w.r.t. q, k, v and gate
     cross: bool = True  # Nq < Nk (decode, chunked prefill)
     seqlens: bool = False  # per-sequence cache lengths (cache_seqlens)
+    leftpad: bool = False  # padding slots at the start of each row (cache_leftpad)
+    packed: bool = False  # packed sequences (cu_seqlens_q, cu_seqlens_k)
     head_dims: tuple[int, int] = (1, 1 << 16)  # inclusive range of D
     deterministic: bool = True
 
@@ -79,6 +86,10 @@ class Capabilities:
             return f"needs Nq == Nk, got Nq={p.len_q} < Nk={p.len_k}"
         if p.seqlens and not self.seqlens:
             return "takes no cache_seqlens"
+        if p.leftpad and not self.leftpad:
+            return "takes no cache_leftpad (left-padded rows)"
+        if p.packed and not self.packed:
+            return "takes no packed sequences (cu_seqlens_q / cu_seqlens_k)"
         lo, hi = self.head_dims
         if not lo <= p.head_dim <= hi:
             return f"supports head dims {lo}..{hi}, got D={p.head_dim}"
@@ -100,7 +111,9 @@ class Backend:
             inputs that passed validation (shapes, dtypes, devices, ``window`` an
             int >= 1; ``scale`` may be None, meaning ``1/sqrt(D)``) and returns
             ``out`` [B, Hq, Nq, D] in q's dtype on q's device. A backend that
-            declares ``seqlens`` also gets ``cache_seqlens=`` when the caller gave it.
+            declares ``seqlens`` also gets ``cache_seqlens=`` when the caller gave it; likewise
+            ``cache_leftpad=`` (``leftpad``) and ``cu_seqlens_q=``, ``cu_seqlens_k=``,
+            ``max_seqlen_q=``, ``max_seqlen_k=`` (``packed``). Never a keyword it did not declare.
         capabilities: what it can serve; see ``Capabilities``.
         priority: ``backend=None`` picks the highest-priority available backend
             whose capabilities accept the call.

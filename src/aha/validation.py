@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["Problem", "validate_attention", "validate_window", "array_kind", "dtype_name", "is_compiling"]
+__all__ = ["Problem", "Ragged", "validate_attention", "validate_ragged", "validate_window", "array_kind", "dtype_name", "is_compiling"]
 
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
@@ -32,7 +32,10 @@ class Problem:
     array: str  # "numpy" or "torch"
     requires_grad: bool  # any of q, k, v, gate
     gate_requires_grad: bool
-    seqlens: bool = False  # per-sequence cache lengths were given
+    seqlens: bool = False  # per-sequence cache lengths were given (cache_seqlens)
+    leftpad: bool = False  # padding slots at the start of each row were given (cache_leftpad)
+    packed: bool = False  # packed sequences were given (cu_seqlens_q, cu_seqlens_k)
+    ragged: Ragged | None = field(default=None, compare=False, repr=False)  # the checked ragged arguments
 
 
 def array_kind(x, name: str = "input") -> str:
@@ -134,32 +137,167 @@ def is_compiling() -> bool:
     return bool(torch.compiler.is_compiling())
 
 
-def _validate_seqlens(cache_seqlens, q, kind: str, nk: int) -> None:
-    """cache_seqlens: [B] ints with Nq <= cache_seqlens[b] <= Nk."""
-    if array_kind(cache_seqlens, "cache_seqlens") != kind:
-        raise TypeError(f"cache_seqlens must be a {kind} array like q, got {type(cache_seqlens).__name__}")
+def _validate_index_array(x, name: str, q, kind: str, shape: tuple, what: str):
+    """An integer array of ``shape`` on q's device, of q's kind; returns it."""
+    if array_kind(x, name) != kind:
+        raise TypeError(f"{name} must be a {kind} array like q, got {type(x).__name__}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} must have shape {what} = {shape}, got {tuple(x.shape)}")
+    if not dtype_name(x).startswith(("int", "uint")):
+        raise TypeError(f"{name} must be integers (int32 or int64), got {dtype_name(x)}")
+    if str(getattr(x, "device", "cpu")) != str(getattr(q, "device", "cpu")):
+        raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+    return x
+
+
+def _validate_seqlens(cache_seqlens, cache_leftpad, q, kind: str, nk: int) -> None:
+    """cache_seqlens: [B] ints in [Nq, Nk] (in [cache_leftpad[b], Nk] with cache_leftpad);
+    cache_leftpad: [B] ints in [0, the row's length]."""
     b, nq = q.shape[0], q.shape[2]
-    if tuple(cache_seqlens.shape) != (b,):
-        raise ValueError(f"cache_seqlens must have shape [B] = ({b},), got {tuple(cache_seqlens.shape)}")
-    if not dtype_name(cache_seqlens).startswith(("int", "uint")):
-        raise TypeError(f"cache_seqlens must be integers, got {dtype_name(cache_seqlens)}")
-    if str(getattr(cache_seqlens, "device", "cpu")) != str(getattr(q, "device", "cpu")):
-        raise ValueError(f"cache_seqlens must be on q's device {q.device}, got {cache_seqlens.device}")
-    if is_compiling():  # reading the values would break the graph; checked in eager calls
+    for name, x in (("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad)):
+        if x is not None:
+            _validate_index_array(x, name, q, kind, (b,), "[B]")
+    if is_compiling() or 0 in q.shape:  # reading the values would break the graph; checked in eager calls
         return
-    lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
-    if lo < nq or hi > nk:
-        raise ValueError(f"cache_seqlens must lie in [Nq, Nk] = [{nq}, {nk}] (each sequence holds its Nq new tokens), got values in [{lo}, {hi}]")
+    lens = [nk] * b if cache_seqlens is None else [int(n) for n in cache_seqlens.tolist()]
+    if cache_leftpad is None:
+        lo, hi = min(lens), max(lens)
+        if lo < nq or hi > nk:
+            raise ValueError(
+                f"cache_seqlens must lie in [Nq, Nk] = [{nq}, {nk}] (each sequence holds its Nq new tokens), "
+                f"got values in [{lo}, {hi}]; a row whose first keys are padding takes cache_leftpad too"
+            )
+        return
+    for row, (pad, n) in enumerate(zip(cache_leftpad.tolist(), lens)):
+        if n < 0 or n > nk:
+            raise ValueError(f"cache_seqlens must lie in [0, Nk] = [0, {nk}], got cache_seqlens[{row}] = {n}")
+        if pad < 0 or pad > n:
+            length = f"cache_seqlens[{row}] = {n}" if cache_seqlens is not None else f"Nk = {nk}"
+            raise ValueError(
+                f"cache_leftpad[{row}] = {pad} must lie in [0, the row's length] = [0, {n}] ({length}): "
+                "it counts the padding slots at the start of the row"
+            )
 
 
-def validate_attention(q, k, v, gate, window, scale, cache_seqlens=None) -> Problem:
-    """Check every argument of ``aha.attention`` and describe the problem."""
+def _validate_packed(cu_q, cu_k, max_q, max_k, q, k, kind: str) -> tuple[int | None, int | None]:
+    """cu_seqlens_q / _k: [S + 1] ints from 0 to the packed lengths, non-decreasing, each sequence
+    with no more queries than keys. Returns the longest query and key sequences (None under compile)."""
+    if (cu_q is None) != (cu_k is None):
+        missing, given = ("cu_seqlens_k", "cu_seqlens_q") if cu_k is None else ("cu_seqlens_q", "cu_seqlens_k")
+        raise ValueError(
+            f"{missing} is missing: packed sequences need both cu_seqlens_q and cu_seqlens_k "
+            f"(pass the same tensor as {given} when queries and keys are packed alike)"
+        )
+    if q.shape[0] != 1:
+        raise ValueError(
+            f"with cu_seqlens_q / cu_seqlens_k, q, k and v must have batch size B = 1 (the sequences packed along N), "
+            f"got q {tuple(q.shape)}; use cache_seqlens / cache_leftpad for a padded batch"
+        )
+    for name, x in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        if array_kind(x, name) != kind:
+            raise TypeError(f"{name} must be a {kind} array like q, got {type(x).__name__}")
+        if x.ndim != 1 or x.shape[0] < 1:
+            raise ValueError(f"{name} must have shape [S + 1] (S sequences), got {tuple(x.shape)}")
+        _validate_index_array(x, name, q, kind, tuple(x.shape), "[S + 1]")
+    if cu_q.shape[0] != cu_k.shape[0]:
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
+            f"got {cu_q.shape[0] - 1} and {cu_k.shape[0] - 1} (shapes {tuple(cu_q.shape)} and {tuple(cu_k.shape)})"
+        )
+    for name, hint in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
+        if hint is not None and (isinstance(hint, bool) or not isinstance(hint, numbers.Integral) or hint < 0):
+            raise TypeError(f"{name} must be an int >= 0 or None (a hint: the longest sequence), got {hint!r}")
+    if is_compiling():
+        return max_q, max_k
+    cq, ck = ([int(i) for i in x.tolist()] for x in (cu_q, cu_k))
+    for name, c, total in (("cu_seqlens_q", cq, q.shape[2]), ("cu_seqlens_k", ck, k.shape[2])):
+        if c[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {name}[0] = {c[0]}")
+        for s in range(len(c) - 1):
+            if c[s + 1] < c[s]:
+                raise ValueError(f"{name} must be non-decreasing, got {name}[{s}] = {c[s]} > {name}[{s + 1}] = {c[s + 1]}")
+        if c[-1] != total:
+            axis = "Nq" if name.endswith("q") else "Nk"
+            raise ValueError(f"{name} must end at the packed length {axis} = {total}, got {name}[-1] = {c[-1]}")
+    for s in range(len(cq) - 1):
+        if cq[s + 1] - cq[s] > ck[s + 1] - ck[s]:
+            raise ValueError(
+                f"sequence {s} has more queries ({cq[s + 1] - cq[s]}, cu_seqlens_q) than keys ({ck[s + 1] - ck[s]}, "
+                "cu_seqlens_k); queries align bottom-right with their sequence's keys"
+            )
+    longest_q = max((b - a for a, b in zip(cq[:-1], cq[1:])), default=0)
+    longest_k = max((b - a for a, b in zip(ck[:-1], ck[1:])), default=0)
+    for name, hint, real in (("max_seqlen_q", max_q, longest_q), ("max_seqlen_k", max_k, longest_k)):
+        if hint is not None and hint < real:
+            raise ValueError(f"{name} = {hint} is shorter than the longest sequence ({real}); pass None or at least {real}")
+    return longest_q, longest_k
+
+
+@dataclass(frozen=True)
+class Ragged:
+    """The ragged-batch arguments of a call, as the backend's ``forward`` receives them (only those given)."""
+
+    cache_seqlens: object = None
+    cache_leftpad: object = None
+    cu_seqlens_q: object = None
+    cu_seqlens_k: object = None
+    max_seqlen_q: int | None = None
+    max_seqlen_k: int | None = None
+
+    def kwargs(self) -> dict:
+        kw = {}
+        if self.cache_seqlens is not None:
+            kw["cache_seqlens"] = self.cache_seqlens
+        if self.cache_leftpad is not None:
+            kw["cache_leftpad"] = self.cache_leftpad
+        if self.cu_seqlens_q is not None:
+            kw.update(
+                cu_seqlens_q=self.cu_seqlens_q,
+                cu_seqlens_k=self.cu_seqlens_k,
+                max_seqlen_q=self.max_seqlen_q,
+                max_seqlen_k=self.max_seqlen_k,
+            )
+        return kw
+
+
+def validate_ragged(
+    q, k, kind: str, *, cache_seqlens=None, cache_leftpad=None, cu_seqlens_q=None, cu_seqlens_k=None,
+    max_seqlen_q=None, max_seqlen_k=None,
+) -> Ragged:
+    """Check the ragged-batch arguments of ``aha.attention`` (see `aha.sequences`)."""
+    packed = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if packed and (cache_seqlens is not None or cache_leftpad is not None):
+        raise ValueError(
+            "cu_seqlens_q / cu_seqlens_k (packed sequences) cannot be combined with cache_seqlens / cache_leftpad "
+            "(a padded batch): describe the sequences one way"
+        )
+    if not packed and (max_seqlen_q is not None or max_seqlen_k is not None):
+        raise ValueError("max_seqlen_q / max_seqlen_k are hints for packed sequences: pass them with cu_seqlens_q / cu_seqlens_k")
+    if packed:
+        max_q, max_k = _validate_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k, kind)
+        return Ragged(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
+    if cache_seqlens is not None or cache_leftpad is not None:
+        _validate_seqlens(cache_seqlens, cache_leftpad, q, kind, k.shape[2])
+    return Ragged(cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad)
+
+
+def validate_attention(q, k, v, gate, window, scale, cache_seqlens=None, **ragged) -> Problem:
+    """Check every argument of ``aha.attention`` and describe the problem.
+
+    ``ragged``: cache_leftpad, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k (see
+    `validate_ragged`); the checked values are in the returned problem's ``ragged``.
+    """
     kind, dtype, device = _validate_arrays(q, k, v)
     b, hq, hkv, nq, nk, d = _validate_shapes(q, k, v)
     _validate_gate(gate, q, kind, dtype)
     window = validate_window(window)
     _validate_scale(scale)
-    if cache_seqlens is not None:
-        _validate_seqlens(cache_seqlens, q, kind, nk)
+    rag = validate_ragged(q, k, kind, cache_seqlens=cache_seqlens, **ragged)
     grads = [bool(getattr(x, "requires_grad", False)) for x in (q, k, v, gate)]
-    return Problem(b, hq, hkv, nq, nk, d, window, dtype, device, kind, any(grads), grads[3], cache_seqlens is not None)
+    return Problem(
+        b, hq, hkv, nq, nk, d, window, dtype, device, kind, any(grads), grads[3],
+        seqlens=rag.cache_seqlens is not None,
+        leftpad=rag.cache_leftpad is not None,
+        packed=rag.cu_seqlens_q is not None,
+        ragged=rag,
+    )
