@@ -9,7 +9,10 @@ nox.options.reuse_existing_virtualenvs = True
 
 # The CPU build of torch lies on these machines' disk; an unpinned torch pulls a CUDA build of several GB.
 TORCH = os.environ.get("AHA_TORCH_SPEC", "torch==2.13.0")
-PY = "3.11"
+# Sessions run on the Python that runs nox (any supported one: requires-python in pyproject.toml),
+# never "skipped" for want of a pinned interpreter; a missing interpreter is an error, not a pass.
+PY = None
+nox.options.error_on_missing_interpreters = True
 
 
 def _install(session, extras="testing"):
