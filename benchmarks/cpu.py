@@ -666,12 +666,12 @@ def _x(v) -> str:
     return "n/a" if v is None else f"{v:.2f}x"
 
 
-def _commit() -> str:
-    """The checkout's commit, marked +changes when the library's or this benchmark's code differs from it."""
+def _commit(script: str = "benchmarks/cpu.py") -> str:
+    """The checkout's commit, marked +changes when the library's or the benchmark script's code differs from it."""
     root = Path(__file__).resolve().parent.parent
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        clean = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", "backends", "benchmarks/cpu.py"], cwd=root)
+        clean = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", "backends", script], cwd=root)
     except OSError:
         return "?"
     return (rev.stdout.strip() or "?") + ("" if clean.returncode == 0 else "+changes")
