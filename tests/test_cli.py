@@ -88,3 +88,17 @@ def test_conformance_fails_a_wrong_backend(example_plugin, tmp_path):
     res = _run("conformance", "--backend", "example", "--max-len", "48", "-q", "--hypothesis-profile", "ci", env=env)
     assert res.returncode == 1, res.stdout[-3000:]
     assert "failed" in res.stdout
+
+
+def test_version_and_help_say_what_they_are():
+    res = _run("--version")
+    assert res.returncode == 0 and res.stdout.startswith("aha-attention "), res.stdout + res.stderr
+    res = _run("conformance", "--help")
+    assert res.returncode == 0 and "goes to pytest" in res.stdout and "--hypothesis-profile" in res.stdout
+
+
+def test_conformance_without_hypothesis_says_which_extra_to_install():
+    code = "import sys; sys.modules['hypothesis'] = None; from aha.__main__ import main; sys.exit(main(['conformance']))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "pip install 'aha-attention[testing]'" in res.stderr and "Traceback" not in res.stderr

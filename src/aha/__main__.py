@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -26,6 +27,16 @@ def cmd_backends(args) -> int:
 
 
 def cmd_conformance(args, extra) -> int:
+    try:
+        import hypothesis  # noqa: F401
+        import pytest  # noqa: F401
+    except ImportError as exc:
+        print(
+            f"aha conformance needs hypothesis and pytest ({exc}); "
+            "install the testing extra: pip install 'aha-attention[testing]'",
+            file=sys.stderr,
+        )
+        return 2
     from aha.testing import run_conformance
 
     extra = list(extra)
@@ -40,15 +51,30 @@ def cmd_demo(args) -> int:
     return run_demo(n=args.n, window=args.window, all_share=args.all_share)
 
 
+def _prog() -> str:
+    """`aha` when run as the console script, `python -m aha` otherwise."""
+    return "aha" if os.path.basename(sys.argv[0]) == "aha" else "python -m aha"
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aha", description="All-or-Here Attention")
+    from aha import __version__
+
+    parser = argparse.ArgumentParser(prog=_prog(), description="All-or-Here Attention")
+    parser.add_argument("--version", action="version", version=f"aha-attention {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("backends", help="list the registered backends, their capabilities and status")
     demo = sub.add_parser("demo", help="route one input through every available backend and compare")
     demo.add_argument("--n", type=int, default=2048, help="sequence length (default 2048)")
     demo.add_argument("--window", type=int, default=128, help="Here window (default 128)")
     demo.add_argument("--all-share", type=float, default=0.1, help="target share of All decisions (default 0.1)")
-    conf = sub.add_parser("conformance", help="run the conformance suite (extra args go to pytest)")
+    conf = sub.add_parser(
+        "conformance",
+        help="run the conformance suite (extra args go to pytest)",
+        description="Run the conformance suite (aha.testing.conformance) with pytest.\n"
+        "Every argument not listed below goes to pytest, e.g. -x, -k NAME, or\n"
+        "--hypothesis-profile=ci (derandomized, no deadline; the default is the quicker 'dev' profile).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     conf.add_argument("--backend", action="append", help="backend to check (repeatable; default all)")
     conf.add_argument("--max-len", type=int, default=None, help="largest sequence length drawn")
     args, extra = parser.parse_known_args(argv)
