@@ -119,13 +119,22 @@ def _validate_gate(gate, q, kind: str, dtype: str) -> None:
         raise ValueError(f"gate must have shape [B, Hq, Nq] = {want}, got {tuple(gate.shape)}")
     gdt = dtype_name(gate)
     if gdt not in ("bool", dtype):
-        raise TypeError(f"gate must be bool or q's dtype {dtype}, got {gdt}; convert it with gate.to(q.dtype)")
+        how = "gate.astype(q.dtype)" if kind == "numpy" else "gate.to(q.dtype)"
+        raise TypeError(f"gate must be bool or q's dtype {dtype}, got {gdt}; convert it with {how}")
     if str(getattr(gate, "device", "cpu")) != str(getattr(q, "device", "cpu")):
         raise ValueError(f"gate must be on q's device {q.device}, got {gate.device}")
-    if gdt != "bool" and not is_compiling():
+    if gdt != "bool" and not _values_hidden(q):
         bad = (gate < 0) | (gate > 1) | (gate != gate)
         if bool(bad.any()):
-            raise ValueError("gate values must lie in [0, 1] (1 = All, 0 = Here); found values outside it or NaN")
+            raise ValueError(
+                "gate values must lie in [0, 1] (1 = All, 0 = Here); found values outside it or NaN. "
+                "A router's raw logits become a gate with aha.route(logits)"
+            )
+
+
+def _values_hidden(x) -> bool:
+    """True when values cannot be read: while torch.compile traces, or on the meta device (shapes only)."""
+    return is_compiling() or _device(x) == "meta"
 
 
 def is_compiling() -> bool:
@@ -157,7 +166,7 @@ def _validate_seqlens(cache_seqlens, cache_leftpad, q, kind: str, nk: int) -> No
     for name, x in (("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad)):
         if x is not None:
             _validate_index_array(x, name, q, kind, (b,), "[B]")
-    if is_compiling() or 0 in q.shape:  # reading the values would break the graph; checked in eager calls
+    if _values_hidden(q):  # reading the values would break the graph; checked in eager calls
         return
     lens = [nk] * b if cache_seqlens is None else [int(n) for n in cache_seqlens.tolist()]
     if cache_leftpad is None:
@@ -207,7 +216,7 @@ def _validate_packed(cu_q, cu_k, max_q, max_k, q, k, kind: str) -> tuple[int | N
     for name, hint in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
         if hint is not None and (isinstance(hint, bool) or not isinstance(hint, numbers.Integral) or hint < 0):
             raise TypeError(f"{name} must be an int >= 0 or None (a hint: the longest sequence), got {hint!r}")
-    if is_compiling():
+    if _values_hidden(q):
         return max_q, max_k
     cq, ck = ([int(i) for i in x.tolist()] for x in (cu_q, cu_k))
     for name, c, total in (("cu_seqlens_q", cq, q.shape[2]), ("cu_seqlens_k", ck, k.shape[2])):
