@@ -115,6 +115,12 @@ def mix(g, out_all, out_here):
     return np.where(g == 1.0, out_all, np.where(g == 0.0, out_here, blend))
 
 
+# NaN and inf inputs are part of the spec (a non-finite key outside a window must not reach the token):
+# the NumPy warnings they raise on the way are expected, not news for the caller.
+_quiet = np.errstate(invalid="ignore", over="ignore", divide="ignore")
+
+
+@_quiet
 def attention(q, k, v, gate, window, scale=None, cache_seqlens=None, **ragged):
     """AHA forward in float64. Returns [B, Hq, Nq, D] float64.
 
@@ -133,6 +139,7 @@ def attention(q, k, v, gate, window, scale=None, cache_seqlens=None, **ragged):
     return mix(g, out_all, out_here)
 
 
+@_quiet
 def attention_vjp(q, k, v, gate, window, dout, scale=None, cache_seqlens=None, **ragged):
     """Explicit VJP of ``attention``: returns (dq, dk, dv, dgate) in float64.
 
