@@ -467,7 +467,7 @@ def render_docs(results: dict) -> str:
     lines = [
         "## The `cpu` backend",
         "",
-        f"Measured on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), torch {m['torch']},",
+        f"Measured on {m['cpu']} ({m['cores']} cores, {threads(m['torch_threads'])}), torch {m['torch']},",
         f"Python {m['python']}, with",
         "",
         "```",
@@ -660,6 +660,11 @@ def _reps(row) -> str:
     """Repeats of the cpu backend and of dense SDPA (one number for both in older JSON)."""
     reps = row["repeats"]
     return f"{reps['cpu']}/{reps['dense']}" if isinstance(reps, dict) else str(reps)
+
+
+def threads(n: int) -> str:
+    """'1 torch thread', '2 torch threads'."""
+    return f"{n} torch thread{'' if n == 1 else 's'}"
 
 
 def _x(v) -> str:

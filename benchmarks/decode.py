@@ -28,11 +28,15 @@ import statistics
 import sys
 import time
 from datetime import date
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import aha
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu import threads  # noqa: E402
 
 CONTEXTS = (4096, 8192, 16384, 32768, 65536, 131072)
 BATCHED_CONTEXTS = (4096, 32768)
@@ -210,7 +214,7 @@ def render(result: dict) -> str:
     lines = [
         "## Decoding with a KV cache",
         "",
-        f"Measured on {result['device']} ({result['machine']}, {result['threads']} torch threads), torch {result['torch']}, "
+        f"Measured on {result['device']} ({result['machine']}, {threads(result['threads'])}), torch {result['torch']}, "
         f"{result['date']}, with",
         "",
         "```",

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu import _commit, machine, measure  # noqa: E402
+from cpu import _commit, machine, measure, threads  # noqa: E402
 from decode import _force_gates, _tiny_faolmo, head_gate  # noqa: E402
 
 import aha  # noqa: E402
@@ -295,7 +295,7 @@ def render(results: dict) -> str:
     lines = [
         "# Ragged batches",
         "",
-        f"Measured on {mc['cpu']} ({mc['cores']} cores, {mc['torch_threads']} torch threads), torch {mc['torch']}, "
+        f"Measured on {mc['cpu']} ({mc['cores']} cores, {threads(mc['torch_threads'])}), torch {mc['torch']}, "
         f"at commit {results['commit']} on {results['date']} (load average {results['load'][0]:.1f} before, "
         f"{results['load_after'][0]:.1f} after), with",
         "",
