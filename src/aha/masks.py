@@ -123,7 +123,8 @@ def _check_mask(mask) -> None:
             "attention_mask: AHA attention takes a 2-D [batch, past + current tokens] mask of 1 (token) and 0 "
             f"(padding), or None; got {type(mask).__name__} of shape {tuple(getattr(mask, 'shape', ()))}. "
             "4-D (custom) masks are not supported yet: describe padding with a 2-D mask and packed "
-            "sequences with position_ids or cu_seqlens"
+            "sequences with position_ids or cu_seqlens (generate() builds a 4-D mask itself for a static "
+            "cache, which AHA layers do not take: use the default DynamicCache)"
         )
 
 
