@@ -297,6 +297,16 @@ def test_a_packed_training_batch_gives_the_loss_and_gradients_of_its_sequences_o
     assert not torch.allclose(packed[:, 7:], one_sequence[:, 7:], atol=1e-3)
 
 
+def test_position_ids_that_restart_in_several_rows_pack_each_row():
+    model, seqs = routed("qwen2"), prompts([5, 7, 8, 4], seed=3)
+    x = torch.stack([torch.cat(seqs[:2]), torch.cat(seqs[2:])])  # (2, 12): two documents per row
+    pos = torch.tensor([list(range(5)) + list(range(7)), list(range(8)) + list(range(4))])
+    got = logits(model, x, position_ids=pos)
+    for row, (a, b) in enumerate([(0, 1), (2, 3)]):
+        torch.testing.assert_close(got[row, : len(seqs[a])], logits(model, seqs[a][None])[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[row, len(seqs[a]) :], logits(model, seqs[b][None])[0], atol=1e-5, rtol=1e-5)
+
+
 def test_packed_sequences_need_an_empty_cache():
     model, x = faolmo(window=3), ids(batch=1, length=8)
     out = model(x, use_cache=True)
