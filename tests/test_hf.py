@@ -5,6 +5,7 @@ Tiny random configs only; nothing is downloaded.
 
 from __future__ import annotations
 
+import inspect
 import json
 import types
 
@@ -25,7 +26,15 @@ from transformers import (  # noqa: E402
 )
 
 import aha.hf  # noqa: E402
-from aha.hf import FAOlmoConfig, FAOlmoForCausalLM, add_router  # noqa: E402
+from aha.hf import (  # noqa: E402
+    AHALlamaConfig,
+    AHALlamaForCausalLM,
+    AHAQwen2Config,
+    AHAQwen2ForCausalLM,
+    FAOlmoConfig,
+    FAOlmoForCausalLM,
+    add_router,
+)
 from aha.hf.convert import main as convert_main  # noqa: E402
 from aha.nn import rotary_embedding  # noqa: E402
 from aha.training import GateStats, RouterSparsity  # noqa: E402
@@ -151,32 +160,158 @@ def test_generate_with_the_cache_equals_generate_without_it():
     torch.testing.assert_close(cached_stats.per_head(), full_stats.per_head())
 
 
-def test_padding_is_refused_and_a_mask_of_ones_is_accepted():
+def test_a_mask_of_ones_is_no_mask_and_bad_masks_are_named():
     model, x = faolmo(window=3), ids()
     torch.testing.assert_close(logits(model, x, attention_mask=torch.ones_like(x)), logits(model, x))
-    padded = torch.ones_like(x)
-    padded[0, :3] = 0  # left padding
-    with pytest.raises(ValueError, match="left padding"):
-        model(x, attention_mask=padded, use_cache=False)
-    right = torch.ones_like(x)
-    right[0, -3:] = 0
-    with pytest.raises(ValueError, match="use_cache"):
-        model(x, attention_mask=right, use_cache=True)
-    with pytest.raises(ValueError, match="attention_mask"):
+    hole = torch.ones_like(x)
+    hole[1, 5:7] = 0  # a 0 between 1s
+    with pytest.raises(ValueError, match="hole in row 1 at position 5"):
+        model(x, attention_mask=hole)
+    with pytest.raises(ValueError, match="4-D"):
         model(x, attention_mask=torch.ones(2, 1, 16, 16))
+    cu = torch.tensor([0, 6, 16])
+    with pytest.raises(ValueError, match="one way"):
+        model(x[:1], attention_mask=hole[1:].cumprod(1), cu_seq_lens_q=cu, cu_seq_lens_k=cu)
 
 
-def test_right_padding_without_cache_gives_each_sequence_its_own_logits():
-    """Sequences of lengths 16 and 11 in one right-padded batch: the real tokens' logits are those
-    of each sequence run alone (causal attention never reads the later pads)."""
-    model, x = faolmo(window=3), ids()
-    mask = torch.ones_like(x)
-    mask[1, 11:] = 0
+# --- ragged batches: every routed family, tiny random models with a mix of All and Here ------------
+
+ROUTED = {"olmo2": (FAOlmoConfig, FAOlmoForCausalLM), "llama": (AHALlamaConfig, AHALlamaForCausalLM),
+          "qwen2": (AHAQwen2Config, AHAQwen2ForCausalLM)}  # fmt: skip
+FAMILIES = list(ROUTED)
+
+
+def routed(family: str, window: int = 3, seed: int = 0):
+    """A tiny routed model of ``family``: random gate rows, so tokens route to All and to Here."""
+    config_cls, model_cls = ROUTED[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(local_window_size=window, **TINY)).eval()
     with torch.no_grad():
-        got = model(x, attention_mask=mask, use_cache=False).logits
-        alone = model(x[1:, :11], use_cache=False).logits
-    torch.testing.assert_close(got[1, :11], alone[0])
-    torch.testing.assert_close(got[0], logits(model, x)[0])
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight[-H:].normal_(0.0, 1.0)
+            if family == "qwen2":  # Qwen2 initialises its q/k/v biases to zero: make them matter
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0.0, 0.5)
+    return model
+
+
+def next_step(model, out) -> dict:
+    """The keyword that hands ``out``'s cache to the next forward: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    if "cache" in inspect.signature(type(model).forward).parameters:
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 100, (n,), generator=g) for n in lengths]
+
+
+def pad(seqs, side: str):
+    """input_ids and attention_mask of ``seqs`` padded with token 0 on ``side``."""
+    width = max(len(s) for s in seqs)
+    x = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(x)
+    for i, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        x[i, cols], mask[i, cols] = s, 1
+    return x, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_generate_with_left_padding_gives_each_prompt_its_own_tokens(family):
+    model, seqs = routed(family), prompts([9, 4, 6])
+    x, mask = pad(seqs, "left")
+    with GateStats(model) as stats:
+        batched = model.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert 0.1 < stats.all_share() < 0.9  # a real mix of All and Here, windows (3) shorter than the prompts
+    for i, s in enumerate(seqs):
+        alone = model.generate(s[None], max_new_tokens=6, do_sample=False)
+        assert batched[i, x.shape[1] :].tolist() == alone[0, len(s) :].tolist(), f"prompt {i}"
+    uncached = model.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(uncached, batched)  # every step a full pass over the left-padded rows
+    unmasked = logits(model, x)[1:, -1]  # the last prompt token of the padded rows, reading the pads
+    assert not torch.allclose(logits(model, x, attention_mask=mask)[1:, -1], unmasked, atol=1e-3)
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_padded_forward_gives_each_row_the_logits_it_has_alone(family, use_cache):
+    """Right padding (row 1), both sides (row 2), with and without the cache: the real tokens' logits
+    are those of each sequence alone (row 2's positions are shifted by 2, which RoPE does not see)."""
+    model, seqs = routed(family), prompts([9, 4, 5])
+    x, mask = pad(seqs, "right")
+    x[2], mask[2] = x[2].roll(2), mask[2].roll(2)
+    with torch.no_grad(), GateStats(model) as stats:
+        out = model(x, attention_mask=mask, use_cache=use_cache)
+    assert 0.1 < stats.all_share() < 0.9
+    for i, (s, start) in enumerate(zip(seqs, [0, 0, 2])):
+        torch.testing.assert_close(
+            out.logits[i, start : start + len(s)], logits(model, s[None])[0], atol=1e-5, rtol=1e-5
+        )
+    if use_cache:  # the pads of rows 1 and 2 sit in the cache: a next step's mask has holes
+        step = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+        with pytest.raises(ValueError, match="hole in row 1 at position 4"):
+            model(x[:, :1], attention_mask=step, **next_step(model, out))
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("described_by", ["position_ids", "cu_seq_lens", "both"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_packed_training_batch_gives_the_loss_and_gradients_of_its_sequences_one_at_a_time(family, described_by):
+    """DataCollatorWithFlattening's batch: position ids restarting at 0, the flash-attention keywords, or
+    both. With the keywords alone the positions run on across sequences (0..23): RoPE does not see a
+    shift within a sequence, so only the keywords can separate them."""
+    from transformers import DataCollatorWithFlattening
+
+    model, seqs = routed(family).train(), prompts([7, 3, 9, 5], seed=2)
+    collate = DataCollatorWithFlattening(return_flash_attn_kwargs=described_by != "position_ids")
+    batch = collate([{"input_ids": s.tolist()} for s in seqs])  # [1, 24]
+    assert batch["input_ids"].shape == (1, 24) and batch["position_ids"][0, 7:10].tolist() == [0, 1, 2]
+    if described_by == "cu_seq_lens":
+        del batch["position_ids"]
+        assert batch["cu_seq_lens_q"].tolist() == [0, 7, 10, 19, 24]
+    with GateStats(model) as stats:
+        loss, grads = _loss_and_grads(model, batch)
+    assert 0.1 < stats.all_share() < 0.9
+    # one at a time: each sequence's mean loss, weighted by its share of the predicted tokens
+    model.zero_grad()
+    total, want = sum(len(s) - 1 for s in seqs), 0.0
+    for s in seqs:
+        part = model(s[None], labels=s[None]).loss * (len(s) - 1) / total
+        part.backward()
+        want += part.item()
+    assert loss == pytest.approx(want, rel=1e-5)
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():  # without the restarts, the later sequences would read the earlier ones
+        packed, one_sequence = model(**batch).logits, model(batch["input_ids"]).logits
+    torch.testing.assert_close(packed[:, :7], one_sequence[:, :7])
+    assert not torch.allclose(packed[:, 7:], one_sequence[:, 7:], atol=1e-3)
+
+
+def test_position_ids_that_restart_in_several_rows_pack_each_row():
+    model, seqs = routed("qwen2"), prompts([5, 7, 8, 4], seed=3)
+    x = torch.stack([torch.cat(seqs[:2]), torch.cat(seqs[2:])])  # (2, 12): two documents per row
+    pos = torch.tensor([list(range(5)) + list(range(7)), list(range(8)) + list(range(4))])
+    got = logits(model, x, position_ids=pos)
+    for row, (a, b) in enumerate([(0, 1), (2, 3)]):
+        torch.testing.assert_close(got[row, : len(seqs[a])], logits(model, seqs[a][None])[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[row, len(seqs[a]) :], logits(model, seqs[b][None])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_sequences_need_an_empty_cache():
+    model, x = faolmo(window=3), ids(batch=1, length=8)
+    out = model(x, use_cache=True)
+    with pytest.raises(ValueError, match="empty cache"):
+        model(x, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]]) + 8, **next_step(model, out))
 
 
 def _base(family: str):
@@ -300,3 +435,20 @@ def test_the_fine_tuning_example_runs_and_learns():
     result = runpy.run_path(str(script))["main"](steps=20)
     assert result["lm_loss"] < 0.8 * math.log(128)  # from ln(vocab) at the start
     assert result["all_share"] < 1.0  # the routers left the all-All start
+
+
+def test_transformers_builds_no_attention_mask_for_the_routed_layers(monkeypatch):
+    """The layers never read transformers' 4-D mask, so none is built: a padded or packed batch of N tokens
+    costs no [B, 1, N, N] tensor."""
+    masking_utils = pytest.importorskip("transformers.masking_utils")
+    mapping = masking_utils.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("transformers built an attention mask")
+
+    model, seqs = routed("llama"), prompts([9, 4, 6])
+    for name in list(mapping):
+        monkeypatch.setitem(mapping, name, refuse)
+    x, mask = pad(seqs, "left")
+    model(x, attention_mask=mask)  # padded
+    model(torch.cat(seqs)[None], position_ids=torch.cat([torch.arange(len(s)) for s in seqs])[None])  # packed

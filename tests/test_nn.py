@@ -204,3 +204,130 @@ def test_bad_arguments_are_named():
         AHAAttention(C, 4, window=0)
     with pytest.raises(ValueError, match="threshold"):
         AHAAttention(C, 4, window=2, threshold=1.0)
+
+
+# --- ragged batches: padding masks and packed sequences --------------------------------------------
+
+
+def ragged_layer(**kw) -> AHAAttention:
+    """A layer whose router picks a mix of All and Here, window 2, GQA, its own RoPE."""
+    m = make(window=2, num_kv_heads=2, seed=3, **kw)
+    with torch.no_grad():
+        m.router.weight.normal_(0.0, 1.0)
+    return m
+
+
+def padded(rows: list[torch.Tensor], left: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [n_i, C] placed at column left[i] of a [B, length, C] batch, and the 0/1 mask."""
+    x = torch.randn(len(rows), length, C)  # the padding slots hold noise, never read
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, (r, lp) in enumerate(zip(rows, left)):
+        x[i, lp : lp + len(r)] = r
+        mask[i, lp : lp + len(r)] = 1
+    return x, mask
+
+
+def test_the_mask_picks_cache_leftpad_for_left_padding_and_packs_anything_else():
+    from aha.masks import from_attention_mask
+
+    left = from_attention_mask(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]]), len_q=5)
+    assert not left.packed and left.cache_leftpad.tolist() == [2, 0, 4]
+    assert left.positions.tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]]
+    right = from_attention_mask(torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1], [0, 1, 1, 0, 0]]), len_q=2)
+    assert right.packed and right.cache_leftpad is None
+    assert right.cu_seqlens_k.tolist() == [0, 3, 7, 9] and right.k_index.tolist() == [0, 1, 2, 6, 7, 8, 9, 11, 12]
+    assert right.cu_seqlens_q.tolist() == [0, 0, 2, 2]  # the last 2 positions: row 0 and row 2 are padding there
+    assert right.q_index.tolist() == [2, 3] and (right.max_seqlen_q, right.max_seqlen_k) == (2, 4)
+    assert from_attention_mask(torch.ones(2, 4, dtype=torch.bool), len_q=1) is None
+
+
+def test_a_left_padded_batch_decoded_with_a_cache_equals_each_row_alone():
+    m = ragged_layer()
+    rows = [torch.randn(n, C) for n in (9, 4, 6)]
+    x, mask = padded(rows, left=[0, 5, 3], length=9)
+    nxt = torch.randn(3, 3, C)  # three decode steps for every row
+    cache = KVCache()
+    out = [m(x, cache=cache, attention_mask=mask)]
+    for t in range(3):
+        mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+        out.append(m(nxt[:, t : t + 1], cache=cache, attention_mask=mask))
+    out = torch.cat(out, dim=1)  # (3, 12, C)
+    for i, (r, lp) in enumerate(zip(rows, [0, 5, 3])):
+        alone = m(torch.cat([r, nxt[i]])[None])[0]
+        torch.testing.assert_close(out[i, lp:], alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(m(x[1:2, 5:]), m(x[1:2])[:, 5:], atol=1e-3)  # reading the pads would differ
+
+
+@pytest.mark.parametrize("with_cache", [False, True])
+def test_right_and_both_side_padding_give_each_row_its_own_output(with_cache):
+    m = ragged_layer()
+    rows = [torch.randn(n, C) for n in (9, 4, 5)]
+    x, mask = padded(rows, left=[0, 0, 2], length=9)  # row 1: right padding; row 2: both sides
+    out = m(x, attention_mask=mask, cache=KVCache() if with_cache else None)
+    for i, (r, lp) in enumerate(zip(rows, [0, 0, 2])):
+        torch.testing.assert_close(out[i, lp : lp + len(r)], m(r[None])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_sequences_equal_each_sequence_alone_forward_and_backward():
+    m = ragged_layer().train()
+    lens = [5, 1, 8, 3]
+    x = torch.randn(1, sum(lens), C, requires_grad=True)
+    cu = torch.tensor([0, 5, 6, 14, 17], dtype=torch.int32)
+    seen = []
+    m.observe(lambda mod, logits, gate, offset: seen.append(gate.detach()))
+    out = m(x, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=8, max_seqlen_k=8)
+    assert 0 < float(seen[0].mean()) < 1  # a mix of All and Here
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    got_dx, got_dw = x.grad.clone(), m.router.weight.grad.clone()
+    m.zero_grad()
+    x.grad = None
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        alone = m(x[:, a:b])
+        torch.testing.assert_close(out[:, a:b], alone, atol=1e-5, rtol=1e-5)
+        (alone * w[:, a:b]).sum().backward()
+    torch.testing.assert_close(got_dx, x.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_dw, m.router.weight.grad, atol=1e-5, rtol=1e-5)
+    assert got_dw.abs().sum() > 0
+
+
+def test_one_sequences_object_serves_every_layer_of_a_call():
+    from aha.masks import sequences
+
+    m1, m2 = ragged_layer(), ragged_layer()
+    x, mask = padded([torch.randn(3, C), torch.randn(6, C)], left=[3, 0], length=6)
+    seqs = sequences(2, 6, 6, attention_mask=mask)
+    torch.testing.assert_close(
+        m2(m1(x, sequences=seqs), sequences=seqs), m2(m1(x, attention_mask=mask), attention_mask=mask)
+    )
+    with pytest.raises(ValueError, match="sequences"):
+        m1(x[:, :5], sequences=seqs)  # built for another call
+    with pytest.raises(ValueError, match="not both"):
+        m1(x, sequences=seqs, attention_mask=mask)
+
+
+def test_bad_masks_and_packing_are_named():
+    m = ragged_layer()
+    x = torch.randn(2, 6, C)
+    hole = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 1, 1]])
+    with pytest.raises(ValueError, match=r"hole in row 1 at position 3"):
+        m(x, attention_mask=hole)
+    with pytest.raises(ValueError, match="4-D"):
+        m(x, attention_mask=torch.ones(2, 1, 6, 6))
+    with pytest.raises(ValueError, match=r"\[2, 6\]"):
+        m(x, attention_mask=torch.ones(2, 5))
+    cu = torch.tensor([0, 4, 12])
+    with pytest.raises(ValueError, match="cu_seqlens_k is missing"):
+        m(x, cu_seqlens_q=cu)
+    with pytest.raises(ValueError, match="must be equal"):
+        m(x, cu_seqlens_q=cu, cu_seqlens_k=torch.tensor([0, 5, 12]))
+    with pytest.raises(ValueError, match="from 0 to"):
+        m(x, cu_seqlens_q=cu[:2], cu_seqlens_k=cu[:2])
+    with pytest.raises(TypeError, match="integers"):
+        m(x, cu_seqlens_q=cu.float(), cu_seqlens_k=cu.float())
+    cache = KVCache()
+    m(x, cache=cache)
+    with pytest.raises(ValueError, match="empty cache"):
+        m(x, cache=cache, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    with pytest.raises(ValueError, match="one way"):
+        m(x, attention_mask=hole.tril(), cu_seqlens_q=cu, cu_seqlens_k=cu)

@@ -7,6 +7,10 @@ extra rows of the query projection (``fused_router=True``, the layout of the
 released AHA-OLMo2 checkpoint: ``q_proj`` has ``Hq * D + Hq`` output rows, the
 last ``Hq`` being the gate logits).
 
+Padded and packed batches: ``AHAAttention`` takes transformers' 2-D ``attention_mask``
+(left or right padding, with or without a cache) or flash-attn's ``cu_seqlens_q/_k``, and
+computes every sequence as if it were alone (`aha.masks` turns them into ragged calls).
+
 Observers see the router of every forward pass; `aha.training` builds the
 sparsity term and gate statistics on them. Importing this module needs torch.
 """
@@ -21,6 +25,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 import aha
+from aha import masks
+from aha.masks import Sequences
 from aha.validation import validate_window
 
 __all__ = [
@@ -229,20 +235,56 @@ class AHAAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v, logits
 
-    def forward(self, x, *, position_embeddings=None, position_ids=None, cache=None) -> torch.Tensor:
+    def forward(
+        self,
+        x,
+        *,
+        position_embeddings=None,
+        position_ids=None,
+        cache=None,
+        attention_mask=None,
+        cu_seqlens_q=None,
+        cu_seqlens_k=None,
+        max_seqlen_q=None,
+        max_seqlen_k=None,
+        sequences: Sequences | None = None,
+    ) -> torch.Tensor:
         """x [B, N, C] -> [B, N, C].
 
         position_embeddings: (cos, sin) [B or 1, N, D] from the caller's rotary embedding;
-        else RoPE at ``position_ids`` [B or 1, N] (default: after the cached tokens) when rope_theta is set.
+        else RoPE at ``position_ids`` [B or 1, N] when rope_theta is set (default: after the cached
+        tokens, or each token's place in its own sequence for padded and packed batches).
         cache: a `KVCache` or a transformers ``DynamicCache``; the new queries align
         bottom-right against the cached keys.
+        attention_mask: [B, past + N] of 1 (token) and 0 (padding), as transformers makes it:
+            left padding (generate()), right padding, or both, with or without a cache; never a 0
+            between 1s. The outputs at padding positions are meaningless (attention gives them 0).
+        cu_seqlens_q, cu_seqlens_k: [S + 1] ints, sequences packed along the flattened B * N tokens
+            (flash-attn's names; the same offsets twice); needs an empty cache.
+        max_seqlen_q, max_seqlen_k: optional hints, the longest packed sequence.
+        sequences: an `aha.masks.Sequences` built once for every layer of a model (instead of the
+            mask or cu_seqlens).
+        Every sequence is computed as if it were alone in the batch.
         """
         b, n, _ = x.shape
         offset = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        if sequences is None:
+            sequences = masks.sequences(
+                b, n, offset + n, attention_mask=attention_mask, cu_seqlens_q=cu_seqlens_q,
+                cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, device=x.device,
+            )  # fmt: skip
+        elif attention_mask is not None or cu_seqlens_q is not None or cu_seqlens_k is not None:
+            raise ValueError("sequences already describes the batch: pass it or attention_mask / cu_seqlens, not both")
+        else:
+            sequences.check(b, n, offset + n)
         q, k, v, logits = self._project(x)
         if position_embeddings is None and self.rope_theta is not None:
             if position_ids is None:
-                position_ids = torch.arange(offset, offset + n, device=x.device)[None]  # (1, N)
+                position_ids = (
+                    torch.arange(offset, offset + n, device=x.device)[None]
+                    if sequences is None
+                    else sequences.positions
+                )  # (B or 1, N)
             position_embeddings = rotary_embedding(position_ids, self.head_dim, self.rope_theta, q.dtype)
         if position_embeddings is not None:
             cos, sin = position_embeddings
@@ -263,7 +305,10 @@ class AHAAttention(nn.Module):
             gate = torch.ones(gate.shape, dtype=torch.bool, device=gate.device)
         elif gate.dtype != torch.bool:
             gate = gate.to(q.dtype)
-        out = aha.attention(q, k, v, gate, window=self.window, backend=self.backend)  # (B, Hq, N, D)
+        if sequences is None:
+            out = aha.attention(q, k, v, gate, window=self.window, backend=self.backend)  # (B, Hq, N, D)
+        else:  # padded or packed: 0 at padding queries
+            out = sequences.attention(q, k, v, gate, window=self.window, backend=self.backend)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
 
     def extra_repr(self) -> str:

@@ -11,27 +11,39 @@ router: ``q_proj`` carries Hq extra rows (the gate logits) and, with
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
+from aha import masks
 from aha.nn import AHAAttention
 
-__all__ = ["HFAHAAttention", "RoutedCausalLM", "route_attention", "reject_padding"]
+__all__ = ["HFAHAAttention", "RoutedCausalLM", "route_attention", "describe_batch", "SEQUENCES"]
+
+SEQUENCES = "aha_sequences"  # the keyword under which the layers receive the batch's aha.masks.Sequences
 
 
 class HFAHAAttention(AHAAttention):
     """AHAAttention called the way transformers' decoder layers call their attention.
 
     Takes the rotary ``position_embeddings`` and the cache (``cache`` or, in older
-    transformers, ``past_key_values``) from the decoder layer; ignores the 4-D mask
-    (AHA attention is causal by construction; padding is refused at the model's
-    input by `reject_padding`). Returns ``(output, None)``: no attention weights.
+    transformers, ``past_key_values``) from the decoder layer, and the batch's padding or
+    packing as an `aha.masks.Sequences` that `describe_batch` built once for every layer
+    (keyword ``aha_sequences``). transformers' own mask is never read. Returns
+    ``(output, None)``: no attention weights.
     """
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         if cache is None:
             cache = kwargs.get("past_key_values")
-        out = super().forward(hidden_states, position_embeddings=position_embeddings, cache=cache)
+        if SEQUENCES in kwargs:
+            sequences = kwargs[SEQUENCES]
+        else:  # a layer called without the model's pre-hook: read its own arguments
+            b, n = hidden_states.shape[:2]
+            offset = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+            sequences = _sequences(b, n, offset, attention_mask, kwargs, hidden_states.device)
+        out = super().forward(hidden_states, position_embeddings=position_embeddings, cache=cache, sequences=sequences)
         return out, None
 
 
@@ -71,38 +83,48 @@ def route_attention(model: nn.Module, family: str) -> None:
     factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
     for i, layer in enumerate(model.model.layers):
         layer.self_attn = HFAHAAttention(**kw, layer_idx=i, **factory)
-    model.model.register_forward_pre_hook(reject_padding, with_kwargs=True)
+    model.model.register_forward_pre_hook(describe_batch, with_kwargs=True)
 
 
-def reject_padding(module, args, kwargs) -> None:
-    """Forward pre-hook of the base model: a mask of ones, none, or right padding without a cache.
+def _sequences(b: int, n: int, offset: int, mask, kwargs: dict, device) -> masks.Sequences | None:
+    """The batch's sequences from transformers' arguments: the 2-D padding mask over past and current
+    tokens, the position ids, and the flash-attention keywords ``cu_seq_lens_q/_k``, ``max_length_q/_k``."""
+    return masks.sequences(
+        b, n, offset + n,
+        attention_mask=mask,
+        position_ids=kwargs.get("position_ids"),
+        cu_seqlens_q=kwargs.get("cu_seq_lens_q"),
+        cu_seqlens_k=kwargs.get("cu_seq_lens_k"),
+        max_seqlen_q=kwargs.get("max_length_q"),
+        max_seqlen_k=kwargs.get("max_length_k"),
+        device=device,
+    )  # fmt: skip
 
-    Right padding (each row ones, then zeros) is exact for the real tokens: causal attention never
-    reads a later key, so no real token reads a pad. A cache would keep the pads as keys of the
-    next step, so right padding needs ``use_cache=False``. Left padding (what ``generate()`` uses)
-    and holes are refused: Here windows and All prefixes would count the pads.
+
+def describe_batch(module, args, kwargs):
+    """Forward pre-hook of the base model: read the batch's padding and packing once, for every layer.
+
+    Accepts a 2-D ``attention_mask`` over past and current tokens (left padding as ``generate()``
+    makes it, right padding, both; with or without a cache; a 0 between 1s is refused), ``position_ids``
+    that restart for each packed sequence (``DataCollatorWithFlattening``) and the flash-attention
+    keywords ``cu_seq_lens_q/_k``, ``max_length_q/_k``. The layers get the result as ``aha_sequences``
+    (None for a batch of whole rows). transformers' mask builder gets a 4-D placeholder in place of
+    the mask (an expanded view, no memory), so that no [B, 1, N, N] mask is built for layers that
+    would not read it.
     """
-    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    if mask is None:
-        return
-    if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
-        raise ValueError(
-            "attention_mask: AHA models take a 2-D [batch, length] mask of ones or None "
-            f"(got {type(mask).__name__} of shape {tuple(getattr(mask, 'shape', ()))})"
-        )
-    keep = mask.bool()
-    if bool(keep.all()):
-        return
-    right_padded = bool((keep[:, 1:] <= keep[:, :-1]).all())  # (B, L - 1): no 1 after a 0
-    use_cache = kwargs.get("use_cache")
-    use_cache = getattr(module.config, "use_cache", False) if use_cache is None else use_cache
-    if right_padded and not use_cache:
-        return
-    raise ValueError(
-        "attention_mask: AHA models take padding only on the right and with use_cache=False "
-        f"({'right padding, but use_cache is on' if right_padded else 'left padding or holes'}); "
-        "otherwise pass batches whose sequences all have the same length, or run them one at a time"
-    )
+    names = list(inspect.signature(module.forward).parameters)
+    kwargs = {**dict(zip(names, args)), **kwargs}
+    x = kwargs.get("input_ids")
+    x = kwargs.get("inputs_embeds") if x is None else x
+    if x is None:
+        return None  # transformers names the missing input
+    b, n = x.shape[:2]
+    cache = kwargs.get("cache")
+    cache = kwargs.get("past_key_values") if cache is None else cache
+    offset = cache.get_seq_length() if cache is not None else 0
+    kwargs[SEQUENCES] = _sequences(b, n, offset, kwargs.get("attention_mask"), kwargs, x.device)
+    kwargs["attention_mask"] = torch.ones((), dtype=torch.bool, device=x.device).expand(b, 1, n, offset + n)
+    return (), kwargs
 
 
 class RoutedCausalLM:
