@@ -1,12 +1,18 @@
 """The reference itself: golden vectors, finite differences, and the semantics' corner cases."""
 
+import importlib.util
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from aha import reference
-from aha.testing.golden import golden_cases, golden_router
+from aha.testing.golden import golden_cases, golden_ragged_cases, golden_router
 
 CASES = list(golden_cases())
+RAGGED = list(golden_ragged_cases())
+RAGGED_KEYS = ("cu_seqlens_q", "cu_seqlens_k", "cache_leftpad", "cache_seqlens")
 
 
 @pytest.mark.parametrize("name,g", CASES, ids=[n for n, _ in CASES])
@@ -15,6 +21,35 @@ def test_reference_matches_golden_vectors(name, g):
     np.testing.assert_allclose(reference.attention(*args), g["out"], rtol=0, atol=1e-12)
     for got, key in zip(reference.attention_vjp(*args, g["dout"]), ("dq", "dk", "dv", "dgate")):
         np.testing.assert_allclose(got, g[key], rtol=0, atol=1e-12, err_msg=key)
+
+
+@pytest.mark.parametrize("name,g", RAGGED, ids=[n for n, _ in RAGGED])
+def test_reference_matches_ragged_golden_vectors(name, g):
+    """Packed and left-padded batches, from a dense implementation that shares nothing with aha."""
+    args = (g["q"], g["k"], g["v"], g["gate"], int(g["window"]))
+    ragged = {key: g[key] for key in RAGGED_KEYS if key in g}
+    assert ragged, f"{name} holds no ragged-batch argument"
+    np.testing.assert_allclose(reference.attention(*args, **ragged), g["out"], rtol=0, atol=1e-12)
+    for got, key in zip(reference.attention_vjp(*args, g["dout"], **ragged), ("dq", "dk", "dv", "dgate")):
+        np.testing.assert_allclose(got, g[key], rtol=0, atol=1e-12, err_msg=key)
+
+
+def test_ragged_golden_vectors_are_what_their_script_makes():
+    """src/aha/testing/vectors/ragged_* are the output of tests/golden_ragged.py, case for case."""
+    path = Path(__file__).with_name("golden_ragged.py")
+    spec = importlib.util.spec_from_file_location("golden_ragged", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    stored = dict(RAGGED)
+    assert list(stored) == [c["name"] for c in script.CASES], "run python tests/golden_ragged.py"
+    described = json.loads((script.OUT / script.JSON).read_text())
+    assert described == [script.describe(c) for c in script.CASES]
+    for case in script.CASES:
+        made, kept = script.compute(case), stored[case["name"]]
+        assert sorted(made) == sorted(kept), case["name"]
+        for key, val in made.items():
+            assert kept[key].dtype == val.dtype, f"{case['name']}/{key}"
+            np.testing.assert_allclose(kept[key], val, rtol=0, atol=1e-13, err_msg=f"{case['name']}/{key}")
 
 
 def test_router_matches_golden_vectors():
@@ -124,3 +159,52 @@ def test_cache_seqlens_is_one_call_per_sequence_and_ignores_the_tail():
         assert not grads[1][b, :, n:].any() and not grads[2][b, :, n:].any()
         np.testing.assert_array_equal(grads[0][b : b + 1], dq)
         np.testing.assert_array_equal(grads[3][b : b + 1], dg)
+
+
+def _finite_differences(q, k, v, gate, window, dout, **ragged):
+    """d sum(dout * attention) by central differences, for each of q, k, v, gate."""
+    eps, out = 1e-6, []
+    for x in (q, k, v, gate):
+        g = np.zeros_like(x)
+        for idx in np.ndindex(x.shape):
+            old = x[idx]
+            x[idx] = old + eps
+            up = np.sum(dout * reference.attention(q, k, v, gate, window, **ragged))
+            x[idx] = old - eps
+            down = np.sum(dout * reference.attention(q, k, v, gate, window, **ragged))
+            x[idx] = old
+            g[idx] = (up - down) / (2 * eps)
+        out.append(g)
+    return out
+
+
+@pytest.mark.parametrize(
+    "shape,window,ragged",
+    [
+        ((1, 2, 4, 7), 2, dict(cu_seqlens_q=np.array([0, 1, 1, 4]), cu_seqlens_k=np.array([0, 3, 4, 7]))),
+        ((2, 2, 3, 5), 2, dict(cache_leftpad=np.array([1, 3]), cache_seqlens=np.array([5, 4]))),
+    ],
+    ids=["packed", "leftpad"],
+)
+def test_ragged_vjp_matches_finite_differences(shape, window, ragged):
+    """Sequence 1 of the packed batch has a key and no query; leftpad row 1 has padding queries and keys."""
+    b, hq, nq, nk = shape
+    q, k, v, gate, dout = _problem(9, b=b, hq=hq, nq=nq, nk=nk)
+    grads = reference.attention_vjp(q, k, v, gate, window, dout, **ragged)
+    for name, got, fd in zip(("dq", "dk", "dv", "dgate"), grads, _finite_differences(q, k, v, gate, window, dout, **ragged)):
+        np.testing.assert_allclose(got, fd, rtol=0, atol=1e-7, err_msg=name)
+
+
+def test_padding_queries_output_zero_and_read_no_key():
+    """A query before cache_leftpad[b] outputs exactly 0 whatever the keys hold; padding keys get no gradient."""
+    q, k, v, gate, dout = _problem(10, b=2, nq=4, nk=6)
+    lp, lens = np.array([3, 0]), np.array([5, 6])
+    k[0, :, :3], v[0, :, :3] = np.nan, np.inf  # row 0's padding slots
+    k[0, :, 5:], v[0, :, 5:] = -np.inf, np.nan  # past its cache_seqlens
+    out = reference.attention(q, k, v, gate, 2, cache_seqlens=lens, cache_leftpad=lp)
+    assert np.isfinite(out).all()
+    assert not out[0, :, :2].any() and out[0, :, 2:].all()  # row 0: queries at 1, 2 are padding; 3, 4 real
+    dq, dk, dv, dg = reference.attention_vjp(q, k, v, gate, 2, dout, cache_seqlens=lens, cache_leftpad=lp)
+    assert all(np.isfinite(x).all() for x in (dq, dk, dv, dg))
+    assert not dq[0, :, :2].any() and not dg[0, :, :2].any()
+    assert not dk[0, :, :3].any() and not dk[0, :, 5:].any() and not dv[0, :, :3].any() and not dv[0, :, 5:].any()
