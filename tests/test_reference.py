@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +209,55 @@ def test_padding_queries_output_zero_and_read_no_key():
     assert all(np.isfinite(x).all() for x in (dq, dk, dv, dg))
     assert not dq[0, :, :2].any() and not dg[0, :, :2].any()
     assert not dk[0, :, :3].any() and not dk[0, :, 5:].any() and not dv[0, :, :3].any() and not dv[0, :, 5:].any()
+
+
+SPEC = Path(__file__).resolve().parents[1] / "docs" / "spec.md"
+
+
+def _pictures():
+    """The ```txt drawings of spec.md's "Ragged batches": per drawing, per query line, its groups of key glyphs."""
+    blocks = re.findall(r"^```txt\n(.*?)^```", SPEC.read_text(), re.S | re.M)
+    return [
+        [(line, [g.replace("| ", "").split() for g in re.findall(r"[x.\-_](?: [x.\-_|])+", line)])
+         for line in block.splitlines() if re.match(r"^ (q\d|row \d)", line)]
+        for block in blocks
+    ]  # fmt: skip
+
+
+def _glyphs(q, k, gate, window, **ragged):
+    """[B][Nq] rows of glyphs: x where the reference's output depends on the key (poisoned one at a
+    time), - before cache_leftpad, _ from cache_seqlens on, . otherwise; and [B, Nq] padding queries."""
+    b, nk = k.shape[0], k.shape[2]
+    v = np.ones_like(k)
+    lp = ragged.get("cache_leftpad", np.zeros(b, int))
+    ends = ragged.get("cache_seqlens", np.full(b, nk))
+    read = np.zeros((b, q.shape[2], nk), bool)
+    for j in range(nk):
+        k2 = k.copy()
+        k2[:, :, j] = np.nan
+        read[:, :, j] = np.isnan(reference.attention(q, k2, v, gate, window, **ragged)[:, 0]).any(-1)
+    marks = np.where(np.arange(nk) < lp[:, None], "-", np.where(np.arange(nk) >= ends[:, None], "_", "."))
+    rows = [[[("x" if read[r, i, j] else marks[r, j]) for j in range(nk)] for i in range(q.shape[2])] for r in range(b)]
+    padding = reference.attention(q, k, v, gate, window, **ragged)[:, 0].any(-1) == 0
+    return rows, padding
+
+
+def _drawn(n, nq, nk, window, gate, **ragged):
+    rng = np.random.default_rng(n)
+    b = np.shape(gate)[0]
+    q, k = rng.normal(size=(b, 1, nq, 4)), rng.normal(size=(b, 1, nk, 4))
+    return _glyphs(q, k, np.asarray(gate, float)[:, None], window, **ragged)
+
+
+def test_spec_ragged_pictures_are_what_the_reference_reads():
+    packed, prefill, decode = _pictures()
+    rows, padding = _drawn(0, 5, 8, 2, [[1, 0, 1, 1, 0]], cu_seqlens_q=np.array([0, 3, 5]), cu_seqlens_k=np.array([0, 3, 8]))
+    assert [groups[0] for _, groups in packed] == rows[0] and not padding.any()
+    assert [line.split(",")[2].split()[0] for line, _ in packed] == ["All", "Here", "All", "All", "Here"]
+    rows, padding = _drawn(1, 6, 6, 2, [[0, 1, 0, 1, 0, 1]] * 2, cache_leftpad=np.array([0, 3]))
+    assert [groups for _, groups in prefill] == [[rows[0][i], rows[1][i]] for i in range(6)]
+    assert ["padding query" in line for line, _ in prefill] == padding[1].tolist() and not padding[0].any()
+    assert [line.split()[1] for line, _ in prefill] == ["Here", "All"] * 3
+    rows, padding = _drawn(2, 1, 8, 3, [[1], [0], [1]], cache_leftpad=np.array([0, 3, 1]), cache_seqlens=np.array([8, 8, 5]))
+    assert [groups[0] for _, groups in decode] == [rows[r][0] for r in range(3)] and not padding.any()
+    assert [line.split()[3] for line, _ in decode] == ["All", "Here", "All"]

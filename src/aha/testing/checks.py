@@ -57,7 +57,7 @@ def reference_grads(inp: Inputs, window: int, scale=None, **ragged) -> tuple[np.
 def eager_attention(q, k, v, gate, window: int, scale=None, pieces=None):
     """Dense masked AHA in the inputs' own dtype: the low-precision baseline.
 
-    ``pieces`` (a ragged batch's sequences, `aha.sequences.Segment`\ s): each computed alone on its
+    ``pieces`` (a ragged batch's sequences, a list of `aha.sequences.Segment`): each computed alone on its
     slices, zeros for the queries of none.
     """
     if pieces is not None:
