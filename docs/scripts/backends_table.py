@@ -3,11 +3,14 @@
     python docs/scripts/backends_table.py          # print the table of the built-in backends
     python docs/scripts/backends_table.py --write  # rewrite it in docs/backends.md
 
+Run as a script it sets TRITON_INTERPRET=1 (unless set), as tests/conftest.py does.
+
 tests/test_docs_site.py fails when the committed table and the registry disagree.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,8 +29,8 @@ def builtin_rows():
 def table(rows) -> str:
     """Markdown table, one line per backend in the registry's order (highest priority first), then what each is."""
     lines = [
-        "| backend | priority | arrays | devices | dtypes | features | head dim D |",
-        "|---|---:|---|---|---|---|---|",
+        "| backend | priority | arrays | devices | dtypes | features | ragged batches | head dim D |",
+        "|---|---:|---|---|---|---|---|---|",
     ]
     notes = []
     for r in rows:
@@ -41,7 +44,8 @@ def table(rows) -> str:
             ", ".join(c.arrays),
             devices,
             ", ".join(c.dtypes),
-            ", ".join(f for f, on in (("grad", c.grad), ("Nq < Nk", c.cross), ("cache_seqlens", c.seqlens)) if on) or "—",
+            ", ".join(f for f, on in (("grad", c.grad), ("Nq < Nk", c.cross)) if on) or "—",
+            ", ".join(f for f, on in (("cache_seqlens", c.seqlens), ("cache_leftpad", c.leftpad), ("cu_seqlens", c.packed)) if on) or "—",
             f"{c.head_dims[0]}–{c.head_dims[1]}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -61,6 +65,8 @@ def write(page: Path = PAGE) -> None:
 
 
 if __name__ == "__main__":
+    # The table as the test suite sees the backends: triton then runs on the CPU through its interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
     if sys.argv[1:] == ["--write"]:
         write()
     print(table(builtin_rows()))

@@ -15,7 +15,17 @@ from aha import reference
 from aha.testing.strategies import Inputs
 from aha.torch_ops import all_mask, here_mask, mix
 
-__all__ = ["TOLERANCE", "FLOOR", "assert_close", "reference_forward", "reference_grads", "eager_attention", "to_np"]
+__all__ = [
+    "TOLERANCE",
+    "FLOOR",
+    "assert_close",
+    "assert_agree",
+    "allowed_error",
+    "reference_forward",
+    "reference_grads",
+    "eager_attention",
+    "to_np",
+]
 
 # Relative tolerance per dtype for (forward, gradients).
 TOLERANCE = {"float64": (1e-10, 1e-9), "float32": (2e-5, 2e-4)}
@@ -28,18 +38,34 @@ def to_np(x) -> np.ndarray:
     return x.detach().to("cpu", torch.float64).numpy()
 
 
-def reference_forward(inp: Inputs, window: int, scale=None) -> np.ndarray:
-    return reference.attention(to_np(inp.q), to_np(inp.k), to_np(inp.v), to_np(inp.gate), window, scale)
+def _ints(ragged: dict) -> dict:
+    """Ragged-batch keywords (tensors or arrays of ints) as NumPy arrays for the reference."""
+    return {n: np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x) for n, x in ragged.items() if x is not None}
 
 
-def reference_grads(inp: Inputs, window: int, scale=None) -> tuple[np.ndarray, ...]:
+def reference_forward(inp: Inputs, window: int, scale=None, **ragged) -> np.ndarray:
+    """The reference's output for ``inp``; ``ragged``: cache_seqlens, cache_leftpad, cu_seqlens_q/k."""
+    return reference.attention(to_np(inp.q), to_np(inp.k), to_np(inp.v), to_np(inp.gate), window, scale, **_ints(ragged))
+
+
+def reference_grads(inp: Inputs, window: int, scale=None, **ragged) -> tuple[np.ndarray, ...]:
     """(dq, dk, dv, dgate) of sum(dout * out), float64."""
     args = (to_np(inp.q), to_np(inp.k), to_np(inp.v), to_np(inp.gate))
-    return reference.attention_vjp(*args, window, to_np(inp.dout), scale)
+    return reference.attention_vjp(*args, window, to_np(inp.dout), scale, **_ints(ragged))
 
 
-def eager_attention(q, k, v, gate, window: int, scale=None):
-    """Dense masked AHA in the inputs' own dtype: the low-precision baseline."""
+def eager_attention(q, k, v, gate, window: int, scale=None, pieces=None):
+    """Dense masked AHA in the inputs' own dtype: the low-precision baseline.
+
+    ``pieces`` (a ragged batch's sequences, a list of `aha.sequences.Segment`): each computed alone on its
+    slices, zeros for the queries of none.
+    """
+    if pieces is not None:
+        out = torch.zeros_like(q)
+        for p in pieces:
+            b, qs, ks = slice(p.batch, p.batch + 1), slice(p.q_lo, p.q_hi), slice(p.k_lo, p.k_hi)
+            out[b, :, qs] = eager_attention(q[b, :, qs], k[b, :, ks], v[b, :, ks], gate[b, :, qs], window, scale)
+        return out
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # (B, Hq, Nk, D)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -58,21 +84,49 @@ def _rel_err(got: torch.Tensor, ref: np.ndarray) -> tuple[float, float]:
     return float((got.detach().to("cpu", torch.float64) - ref_t).abs().max()) / scale, scale
 
 
+def allowed_error(dtype: str, kind: str = "forward", ref: np.ndarray | None = None, baseline=None) -> float:
+    """The relative error against the float64 ``ref`` that ``assert_close`` allows.
+
+    float64/float32: ``TOLERANCE``; float16/bfloat16: 2 x the eager ``baseline``'s error + ``FLOOR``.
+    """
+    if dtype in TOLERANCE:
+        return TOLERANCE[dtype][0 if kind == "forward" else 1]
+    assert baseline is not None and ref is not None, f"a {dtype} comparison needs an eager baseline"
+    return 2 * _rel_err(baseline, ref)[0] + FLOOR[dtype]
+
+
+def _same_finite(name: str, got, finite_ref: np.ndarray, what: str) -> None:
+    finite_got = torch.isfinite(got.detach().cpu()).numpy()
+    assert np.array_equal(finite_got, finite_ref), f"{name}: {int((finite_got != finite_ref).sum())} entries differ in finiteness from {what}"
+
+
 def assert_close(name: str, got, ref: np.ndarray, dtype: str, kind: str = "forward", baseline=None) -> None:
     """Assert ``got`` (backend, any dtype) matches ``ref`` (float64) for ``dtype``.
 
     ``baseline`` (same-dtype eager result) is required for float16/bfloat16.
     """
     assert tuple(got.shape) == tuple(ref.shape), f"{name}: shape {tuple(got.shape)} != reference {ref.shape}"
-    finite_ref = np.isfinite(ref)
-    finite_got = torch.isfinite(got.detach().cpu()).numpy()
-    assert np.array_equal(finite_got, finite_ref), f"{name}: {int((finite_got != finite_ref).sum())} entries differ in finiteness from the reference"
+    _same_finite(name, got, np.isfinite(ref), "the reference")
     err, _ = _rel_err(got, ref)
+    allowed = allowed_error(dtype, kind, ref, baseline)
     if dtype in TOLERANCE:
-        tol = TOLERANCE[dtype][0 if kind == "forward" else 1]
-        assert err <= tol, f"{name} ({dtype}): relative error {err:.3g} > tolerance {tol:.3g}"
+        assert err <= allowed, f"{name} ({dtype}): relative error {err:.3g} > tolerance {allowed:.3g}"
         return
-    assert baseline is not None, f"{name}: a {dtype} comparison needs an eager baseline"
-    base_err, _ = _rel_err(baseline, ref)
-    allowed = 2 * base_err + FLOOR[dtype]
+    base_err = (allowed - FLOOR[dtype]) / 2
     assert err <= allowed, f"{name} ({dtype}): error {err:.3g} > 2 x eager {base_err:.3g} + floor {FLOOR[dtype]:.1g}"
+
+
+def assert_agree(name: str, got, want, dtype: str, kind: str = "forward", ref: np.ndarray | None = None, baseline=None) -> None:
+    """Assert two results of a backend (``got``, ``want``, same dtype) agree as two correct ones must.
+
+    Each may be off the float64 ``ref`` by ``allowed_error``, so they may differ by twice that in
+    float16/bfloat16 (``ref`` and ``baseline`` needed there); float64/float32 use ``TOLERANCE``.
+    They must be finite in the same places. The error is relative to max(1, max |want|).
+    """
+    assert tuple(got.shape) == tuple(want.shape), f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    want_np = want.detach().to("cpu", torch.float64).numpy()
+    _same_finite(name, got, np.isfinite(want_np), "the run it is compared with")
+    both = np.isfinite(want_np)
+    err, _ = _rel_err(got[torch.from_numpy(both).to(got.device)], want_np[both])
+    allowed = allowed_error(dtype, kind, ref, baseline) * (1 if dtype in TOLERANCE else 2)
+    assert err <= allowed, f"{name} ({dtype}): relative difference {err:.3g} > {allowed:.3g}"

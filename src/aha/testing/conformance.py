@@ -2,7 +2,9 @@
 
 Run it with ``python -m aha conformance --backend NAME`` (or ``nox -s conformance``).
 Each test takes the ``aha_backend`` fixture of ``aha.testing.pytest_plugin``;
-the problems are drawn per backend from what its capabilities declare.
+the problems are drawn per backend from what its capabilities declare. A property that
+needs a capability the backend does not declare (``grad``, ``cross``, ``seqlens``,
+``leftpad``, ``packed``) passes without drawing anything.
 """
 
 from __future__ import annotations
@@ -18,9 +20,29 @@ from hypothesis import strategies as st
 
 import aha
 from aha import reference
-from aha.testing.checks import assert_close, eager_attention, reference_forward, reference_grads, to_np
-from aha.testing.golden import golden_cases
-from aha.testing.strategies import Case, aha_cases, edge_cases, make_inputs
+from aha.testing.checks import (
+    allowed_error,
+    assert_agree,
+    assert_close,
+    eager_attention,
+    reference_forward,
+    reference_grads,
+    to_np,
+)
+from aha.testing.golden import golden_cases, golden_ragged_cases
+from aha.testing.strategies import (
+    Case,
+    Inputs,
+    PackedCase,
+    PaddedCase,
+    aha_cases,
+    decode_cases,
+    edge_cases,
+    make_inputs,
+    packed_cases,
+    padded_cases,
+    ragged_edge_cases,
+)
 from aha.torch_ops import all_mask, here_mask
 from aha.window import position_offset
 
@@ -288,3 +310,275 @@ def test_decode_steps_with_cache_seqlens(aha_backend, data):
         assert torch.isfinite(out1[here]).all(), "a Here token read a key below its window"
         tol = _LOCALITY_TOL[case.dtype]
         torch.testing.assert_close(out1[here], out[here], rtol=tol, atol=tol)
+
+
+# Ragged batches: packed sequences (cu_seqlens_q / cu_seqlens_k) and left-padded rows
+# (cache_leftpad, with cache_seqlens). Each sequence must be exactly a call of its own.
+
+_POISONS = (float("nan"), float("inf"), float("-inf"), 1e4)
+_NAMES = ("dq", "dk", "dv", "dgate")
+
+
+def _draw_ragged(be, data, strategy, **kw):
+    rc = data.draw(strategy(be.caps, max_len=be.max_len, **kw), label="case")
+    note(f"reproduce: {rc!r} (tensors: make_inputs(<that>.case))")
+    return rc
+
+
+def _leaves(inp: Inputs, be, gate_grad: bool) -> tuple[Inputs, list]:
+    """``inp`` as fresh leaves (q, k, v, and the gate if ``gate_grad``) and the list to differentiate."""
+    grad = be.caps.grad
+    q, k, v, g = (x.detach().clone().requires_grad_(grad and (x is not inp.gate or gate_grad)) for x in (inp.q, inp.k, inp.v, inp.gate))
+    leaves = Inputs(q, k, v, g, inp.dout)
+    return leaves, ([q, k, v] + ([g] if gate_grad else [])) if grad else []
+
+
+def _grads(out, wrt, dout) -> tuple:
+    """d sum(dout * out) / d wrt; zeros for an input ``out`` does not depend on."""
+    if not wrt:
+        return ()
+    if not out.requires_grad:
+        return tuple(torch.zeros_like(x) for x in wrt)
+    return torch.autograd.grad(out, wrt, dout, allow_unused=True, materialize_grads=True)
+
+
+def _alone(be, inp: Inputs, window: int, pieces):
+    """Each sequence run alone through the backend, its output placed at its queries (zeros elsewhere)."""
+    out = torch.zeros_like(inp.q)
+    for p in pieces:
+        b, qs, ks = slice(p.batch, p.batch + 1), slice(p.q_lo, p.q_hi), slice(p.k_lo, p.k_hi)
+        one = aha.attention(inp.q[b, :, qs], inp.k[b, :, ks], inp.v[b, :, ks], inp.gate[b, :, qs], window=window, backend=be.name)
+        out[b, :, qs] = one
+    return out
+
+
+def _owned(pieces, shape_q, shape_k, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, Nq] and [B, Nk] bool: the queries and the keys that belong to a sequence of ``pieces``."""
+    rq = torch.zeros(shape_q[0], shape_q[2], dtype=torch.bool, device=device)
+    rk = torch.zeros(shape_k[0], shape_k[2], dtype=torch.bool, device=device)
+    for p in pieces:
+        rq[p.batch, p.q_lo : p.q_hi] = True
+        rk[p.batch, p.k_lo : p.k_hi] = True
+    return rq, rk
+
+
+def _tokens(x, mask):
+    """The entries of x ([B, H, N, ...]) at the tokens ``mask`` ([B, N] bool) selects: [M, H, ...]."""
+    return x.transpose(1, 2)[mask]
+
+
+def _low(dtype: str) -> bool:
+    return dtype in ("float16", "bfloat16")
+
+
+def check_ragged(be, rc: PackedCase | PaddedCase, gate_grad: bool = True) -> None:
+    """A ragged batch against each of its sequences run alone (same backend) and against the reference.
+
+    Forward and, if the backend declares ``grad``, dq, dk, dv (and dgate if ``gate_grad``).
+    Queries of no sequence output exactly 0 and get exactly zero gradient; so do keys that no
+    sequence owns.
+    """
+    case, pieces = rc.case, rc.pieces()
+    inp, wrt = _leaves(make_inputs(case, be.device), be, gate_grad)
+    ragged = rc.ragged(be.device)
+    out = _attend(be, inp, case, **ragged)
+    assert out.shape == inp.q.shape and out.dtype == inp.q.dtype and out.device == inp.q.device
+    alone = _alone(be, inp, case.window, pieces)
+    ref = reference_forward(inp, case.window, **ragged)
+    base = eager_attention(inp.q, inp.k, inp.v, inp.gate, case.window, pieces=pieces) if _low(case.dtype) else None
+    assert_close("out", out, ref, case.dtype, baseline=base)
+    assert_agree("out against each sequence alone", out, alone, case.dtype, ref=ref, baseline=base)
+    real_q, real_k = _owned(pieces, inp.q.shape, inp.k.shape, out.device)
+    assert not _tokens(out, ~real_q).any(), "a padding query's output is not exactly 0"
+    if not wrt:
+        return
+    got, want = _grads(out, wrt, inp.dout), _grads(alone, wrt, inp.dout)
+    refs = reference_grads(inp, case.window, **ragged)
+    bases = _grads(base, wrt, inp.dout) if base is not None else [None] * len(wrt)
+    for name, g, w, r, b in zip(_NAMES, got, want, refs, bases):
+        assert_close(name, g, r, case.dtype, kind="grad", baseline=b)
+        assert_agree(f"{name} against each sequence alone", g, w, case.dtype, kind="grad", ref=r, baseline=b)
+        unowned = ~(real_k if name in ("dk", "dv") else real_q)
+        assert not _tokens(g, unowned).any(), f"{name}: a padding query or a key of no sequence got a gradient"
+
+
+def _gate_grad(data, rc) -> bool:
+    """Whether the gate requires grad: always for a soft gate (training), drawn otherwise."""
+    return rc.case.gate == "soft" or data.draw(st.booleans(), label="gate_grad")
+
+
+@given(data=st.data())
+def test_packed_batch_equals_each_sequence_alone(aha_backend, data):
+    """Packed sequences (cu_seqlens_q / cu_seqlens_k) give what each sequence gives alone, gradients too."""
+    if aha_backend.caps.packed:
+        pc = _draw_ragged(aha_backend, data, packed_cases)
+        check_ragged(aha_backend, pc, gate_grad=_gate_grad(data, pc))
+
+
+@given(data=st.data())
+def test_left_padded_rows_equal_their_sequences_alone(aha_backend, data):
+    """Row b with cache_leftpad (and cache_seqlens) is its sequence k[b, :, lp:L] alone; padding queries give 0."""
+    if aha_backend.caps.leftpad:
+        pc = _draw_ragged(aha_backend, data, padded_cases)
+        check_ragged(aha_backend, pc, gate_grad=_gate_grad(data, pc))
+
+
+def test_ragged_edge_cases(aha_backend):
+    for rc in ragged_edge_cases(aha_backend.caps):
+        try:
+            check_ragged(aha_backend, rc)
+        except AssertionError as e:
+            raise AssertionError(f"reproduce: {rc!r}\n{e}") from e
+
+
+def _poisoned_run(be, inp: Inputs, rc, gate_grad: bool, slots: torch.Tensor, data):
+    """The clean run and the run with NaN / inf / 1e4 in the keys and values at ``slots`` ([B, Nk] bool).
+
+    Returns (clean out, clean grads, poisoned out, poisoned grads).
+    """
+    bad_k = data.draw(st.sampled_from(_POISONS), label="poison k")
+    bad_v = data.draw(st.sampled_from(_POISONS), label="poison v")
+    ragged = rc.ragged(be.device)
+    clean, wrt = _leaves(inp, be, gate_grad)
+    out0 = _attend(be, clean, rc.case, **ragged)
+    k, v = inp.k.detach().clone(), inp.v.detach().clone()
+    k[slots[:, None].expand(k.shape[:3])], v[slots[:, None].expand(v.shape[:3])] = bad_k, bad_v
+    dirty, wrt1 = _leaves(replace(inp, k=k, v=v), be, gate_grad)
+    out1 = _attend(be, dirty, rc.case, **ragged)
+    return out0, _grads(out0, wrt, inp.dout), out1, _grads(out1, wrt1, inp.dout)
+
+
+def _assert_unreached(name, got, want, dtype, kind="forward"):
+    """``got`` (poisoned run) is finite and agrees with ``want`` (clean run) where ``want`` is finite."""
+    assert torch.isfinite(got).all(), f"{name}: {int((~torch.isfinite(got)).sum())} values reached by a poisoned key"
+    tol = allowed_error(dtype, kind) if dtype not in ("float16", "bfloat16") else _LOCALITY_TOL[dtype]
+    got, want = got.detach().double(), want.detach().double()
+    err = float((got - want).abs().max()) if got.numel() else 0.0
+    assert err <= tol * max(1.0, float(want.abs().max()) if want.numel() else 1.0), f"{name}: changed by {err:.3g}"
+
+
+@given(data=st.data())
+def test_nan_in_another_packed_sequence_reaches_no_token(aha_backend, data):
+    """NaN / inf / 1e4 in some sequences' keys and values leaves the other sequences' outputs and gradients unchanged."""
+    be = aha_backend
+    if not be.caps.packed:
+        return
+    pc = _draw_ragged(be, data, packed_cases, max_seqs=5)
+    seqs = len(pc.lens_k)
+    poisoned = data.draw(st.sets(st.integers(0, seqs - 1), max_size=max(0, seqs - 1)), label="poisoned sequences")
+    cq, ck = pc.cu_seqlens()
+    slots = torch.zeros(1, pc.case.Nk, dtype=torch.bool, device=be.device)
+    for s in poisoned:
+        slots[0, ck[s] : ck[s + 1]] = True
+    clean_q = torch.ones(1, pc.case.Nq, dtype=torch.bool, device=be.device)
+    for s in poisoned:
+        clean_q[0, cq[s] : cq[s + 1]] = False
+    out0, grads0, out1, grads1 = _poisoned_run(be, make_inputs(pc.case, be.device), pc, _gate_grad(data, pc), slots, data)
+    _assert_unreached("out", out1[:, :, clean_q[0]], out0[:, :, clean_q[0]], pc.case.dtype)
+    for name, g1, g0 in zip(_NAMES, grads1, grads0):
+        keep = ~slots[0] if name in ("dk", "dv") else clean_q[0]
+        _assert_unreached(name, g1[:, :, keep], g0[:, :, keep], pc.case.dtype, kind="grad")
+
+
+@given(data=st.data())
+def test_nan_in_padding_slots_reaches_no_token(aha_backend, data):
+    """NaN / inf / 1e4 in the keys and values before cache_leftpad[b] and past cache_seqlens[b] reach no token.
+
+    Outputs and gradients equal the clean run's and the reference's; padding queries still give 0.
+    """
+    be = aha_backend
+    if not be.caps.leftpad:
+        return
+    pc = _draw_ragged(be, data, padded_cases)
+    case = pc.case
+    j = torch.arange(case.Nk, device=be.device)
+    lp = torch.tensor(pc.leftpad, device=be.device)[:, None]
+    ends = torch.tensor(pc.ends(), device=be.device)[:, None]
+    slots = (j < lp) | (j >= ends)  # (B, Nk)
+    inp = make_inputs(case, be.device)
+    out0, grads0, out1, grads1 = _poisoned_run(be, inp, pc, _gate_grad(data, pc), slots, data)
+    _assert_unreached("out", out1, out0, case.dtype)
+    real_q, _ = _owned(pc.pieces(), inp.q.shape, inp.k.shape, be.device)
+    assert not _tokens(out1, ~real_q).any(), "a padding query's output is not exactly 0"
+    for name, g1, g0 in zip(_NAMES, grads1, grads0):
+        _assert_unreached(name, g1, g0, case.dtype, kind="grad")
+        unowned = slots if name in ("dk", "dv") else ~real_q
+        assert not _tokens(g1, unowned).any(), f"{name}: a padding slot or padding query got a gradient"
+
+
+def _shift(x, offsets, n: int):
+    """out[b, :, i] = x[b, :, i + offsets[b]] for i < n; zero where that index lies outside x."""
+    idx = torch.arange(n, device=x.device)[None, :] + torch.tensor(offsets, device=x.device)[:, None]  # (B, n)
+    inside = (idx >= 0) & (idx < x.shape[2])
+    shape = (x.shape[0], x.shape[1], n) + tuple(x.shape[3:])
+    gather = idx.clamp(0, x.shape[2] - 1).view(x.shape[0], 1, n, *([1] * (x.dim() - 3))).expand(shape)
+    keep = inside.view(x.shape[0], 1, n, *([1] * (x.dim() - 3)))
+    return torch.where(keep, torch.gather(x, 2, gather), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+@given(data=st.data())
+def test_prefill_then_decode_on_a_left_padded_ragged_cache(aha_backend, data):
+    """A prefill, then decode steps of 1..8 tokens, on a left-padded cache whose rows end apart, equal one full pass.
+
+    Every call gets cache_leftpad and cache_seqlens; the cache slots not yet written and the
+    padding slots hold NaN / inf, and padding queries give 0.
+    """
+    be = aha_backend
+    if not (be.caps.cross and be.caps.seqlens and be.caps.leftpad):
+        return
+    dc = _draw_ragged(be, data, decode_cases)
+    case, nk = dc.case, dc.case.Nk
+    inp = make_inputs(case, be.device)  # one token per position
+    j = torch.arange(nk, device=be.device)
+    lp = torch.tensor(dc.leftpad, device=be.device)
+
+    def call(ends, n):
+        """Row b's last n tokens before ends[b], against its cache of keys [leftpad[b], ends[b])."""
+        unwritten = (j < lp[:, None]) | (j >= torch.tensor(ends, device=be.device)[:, None])  # (B, Nk)
+        k, v = inp.k.clone(), inp.v.clone()
+        k[unwritten[:, None].expand(k.shape[:3])], v[unwritten[:, None].expand(v.shape[:3])] = float("nan"), float("inf")
+        offsets = [e - n for e in ends]
+        q, gate = _shift(inp.q, offsets, n), _shift(inp.gate, offsets, n)
+        pc = PaddedCase(replace(case, Nq=n), dc.leftpad, tuple(ends), dc.index_dtype)
+        ragged = pc.ragged(be.device)
+        out = aha.attention(q, k, v, gate, window=case.window, backend=be.name, **ragged)
+        one = Inputs(q, k, v, gate, None)
+        ref = reference_forward(one, case.window, **ragged)
+        base = eager_attention(q, k, v, gate, case.window, pieces=pc.pieces()) if _low(case.dtype) else None
+        assert_close(f"out of the call with cache_seqlens={ends}, Nq={n}", out, ref, case.dtype, baseline=base)
+        real = (torch.tensor(offsets, device=be.device)[:, None] + torch.arange(n, device=be.device)) >= lp[:, None]
+        assert not _tokens(out, ~real).any(), "a padding query's output is not exactly 0"
+        return out, real, ref, base
+
+    final = dc.final()
+    full, _, ref_full, base_full = call(final, nk)
+    by_position = _shift(full, [nk - f for f in final], nk)  # by_position[b, :, p]: the full pass at position p
+    for ends, n in dc.calls():
+        out, real, ref, base = call(ends, n)
+        want = _shift(by_position, [e - n for e in ends], n)
+        assert_agree(f"call with cache_seqlens={ends}, Nq={n}, against the full pass", _tokens(out, real), _tokens(want, real), case.dtype,
+                     ref=ref_full, baseline=base_full)  # fmt: skip
+
+
+def test_golden_ragged_vectors(aha_backend):
+    """Packed and left-padded cases computed by an independent float64 implementation (vectors/ragged_*)."""
+    be = aha_backend
+    dtype = "float64" if "float64" in be.caps.dtypes else "float32"
+    lo, hi = be.caps.head_dims
+    for name, g in golden_ragged_cases():
+        ragged = {key: g[key] for key in ("cu_seqlens_q", "cu_seqlens_k", "cache_leftpad", "cache_seqlens") if key in g}
+        needs = {"cu_seqlens_q": "packed", "cache_leftpad": "leftpad", "cache_seqlens": "seqlens"}
+        if not all(getattr(be.caps, needs[key]) for key in ragged if key in needs):
+            continue
+        if not lo <= g["q"].shape[-1] <= hi or (g["q"].shape[2] < g["k"].shape[2] and not be.caps.cross):
+            continue
+        t = {key: torch.from_numpy(g[key]).to(be.device, getattr(torch, dtype)) for key in ("q", "k", "v", "gate", "dout")}
+        for key in ("q", "k", "v", "gate"):
+            t[key].requires_grad_(be.caps.grad)
+        kw = {key: torch.from_numpy(x).to(be.device) for key, x in ragged.items()}
+        out = aha.attention(t["q"], t["k"], t["v"], t["gate"], window=int(g["window"]), backend=be.name, **kw)
+        assert_close(f"{name}/out", out, g["out"], dtype)
+        if be.caps.grad:
+            grads = _grads(out, [t["q"], t["k"], t["v"], t["gate"]], t["dout"])
+            for key, got in zip(_NAMES, grads):
+                assert_close(f"{name}/{key}", got, g[key], dtype, kind="grad")
