@@ -161,7 +161,7 @@ def test_valid_packed_call_works():
         (dict(cache_leftpad=_cu(0)), ValueError, ["cannot be combined with cache_seqlens / cache_leftpad"]),
         (dict(max_seqlen_q=3), ValueError, ["max_seqlen_q = 3 is shorter than the longest sequence (4)", "at least 4"]),
         (dict(max_seqlen_k=4), ValueError, ["max_seqlen_k = 4 is shorter than the longest sequence (5)"]),
-        (dict(max_seqlen_q=-1), TypeError, ["max_seqlen_q must be an int >= 0 or None", "-1"]),
+        (dict(max_seqlen_q=-1), ValueError, ["max_seqlen_q must be >= 0", "-1"]),
         (dict(max_seqlen_k=4.0), TypeError, ["max_seqlen_k must be an int >= 0 or None", "4.0"]),
         (dict(max_seqlen_q=True), TypeError, ["max_seqlen_q must be an int >= 0 or None", "True"]),
         (dict(max_seqlen_k=torch.tensor(5)), TypeError, ["max_seqlen_k must be an int >= 0 or None"]),

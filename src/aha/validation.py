@@ -214,8 +214,12 @@ def _validate_packed(cu_q, cu_k, max_q, max_k, q, k, kind: str) -> tuple[int | N
             f"got {cu_q.shape[0] - 1} and {cu_k.shape[0] - 1} (shapes {tuple(cu_q.shape)} and {tuple(cu_k.shape)})"
         )
     for name, hint in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
-        if hint is not None and (isinstance(hint, bool) or not isinstance(hint, numbers.Integral) or hint < 0):
+        if hint is None:
+            continue
+        if isinstance(hint, bool) or not isinstance(hint, numbers.Integral):
             raise TypeError(f"{name} must be an int >= 0 or None (a hint: the longest sequence), got {hint!r}")
+        if hint < 0:
+            raise ValueError(f"{name} must be >= 0 (a hint: the longest sequence), got {hint}")
     if _values_hidden(q):
         return max_q, max_k
     cq, ck = ([int(i) for i in x.tolist()] for x in (cu_q, cu_k))
