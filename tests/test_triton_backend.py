@@ -325,6 +325,54 @@ def test_cache_leftpad_matches_reference_with_nan_in_every_padding_slot(case, mo
             assert not dkv[b, :, :lp].any() and not dkv[b, :, n:].any()
 
 
+# B = 1, Hq, Hkv, D; 5 sequences: Nq < Nk, no queries, Nq = Nk twice (blocks of 16 straddle them), Nq < Nk
+PACKED = (1, 4, 2, 16)
+CU_Q, CU_K = (0, 3, 3, 20, 31, 40), (0, 5, 9, 26, 37, 50)
+
+
+def _packed_inputs(mode, seed):
+    q, k, v, g, dout = _inputs(*PACKED[:3], CU_Q[-1], CU_K[-1], PACKED[3], torch.float32,
+                               gate="soft" if mode == "soft" else "random", seed=seed)
+    rag = {"cu_seqlens_q": torch.tensor(CU_Q, device=DEVICE), "cu_seqlens_k": torch.tensor(CU_K, device=DEVICE)}
+    return q, k, v, g, dout, rag
+
+
+@pytest.mark.parametrize(("window", "mode", "deterministic"), [(6, *m) for m in RAGGED_MODES]
+                         + [(64, "routed", False), (64, "gate-grad", True)],  # 64: window >= every length
+                         ids=lambda x: {False: "atomic-dq", True: "dq-pass"}.get(x, str(x)))
+def test_packed_sequences_match_reference(window, mode, deterministic):
+    """Packed sequences (cu_seqlens_q / _k) in one launch per kernel: forward and the four gradients
+    match the reference; NaN/inf in the keys of a sequence without queries reach nothing, and those
+    keys get exactly 0 gradient."""
+    q, k, v, g, dout, rag = _packed_inputs(mode, seed=window)
+    k[:, :, CU_K[1] : CU_K[2]], v[:, :, CU_K[1] : CU_K[2]] = float("nan"), float("inf")
+    out, grads = _ragged_grads(q, k, v, g, dout, window, mode, deterministic, rag)
+    ref_out, ref_grads = _reference(q, k, v, g, dout, window, rag)
+    _finite_and_close(out, grads, ref_out, ref_grads)
+    for dkv in grads[1:3]:
+        assert not dkv[:, :, CU_K[1] : CU_K[2]].any()
+
+
+@pytest.mark.parametrize(("mode", "deterministic"), [("routed", False), ("gate-grad", True)],
+                         ids=["routed-atomic-dq", "gate-grad-dq-pass"])
+def test_packed_keys_of_one_sequence_never_reach_another(mode, deterministic):
+    """NaN keys and inf values in sequence 3 leave every other sequence's output and gradients
+    (dq, dgate of its queries; dk, dv of its keys) finite and equal to the reference on clean inputs."""
+    q, k, v, g, dout, rag = _packed_inputs(mode, seed=9)
+    ref_out, ref_grads = _reference(q, k, v, g, dout, 6, rag)
+    (q0, q1), (k0, k1) = CU_Q[3:5], CU_K[3:5]
+    k[:, :, k0:k1], v[:, :, k0:k1] = float("nan"), float("inf")
+    out, grads = _ragged_grads(q, k, v, g, dout, 6, mode, deterministic, rag)
+    others_q = torch.ones(CU_Q[-1], dtype=torch.bool)
+    others_q[q0:q1] = False
+    others_k = torch.ones(CU_K[-1], dtype=torch.bool)
+    others_k[k0:k1] = False
+    assert not torch.isfinite(out[:, :, q0:q1]).all()  # sequence 3's All tokens read the poison
+    keep = (others_q, others_k, others_k, others_q)  # dq, dk, dv, dgate
+    _finite_and_close(out[:, :, others_q.to(DEVICE)], [x[:, :, m.to(DEVICE)] for x, m in zip(grads, keep)],
+                      ref_out[:, :, others_q.numpy()], [x[:, :, m.numpy()] for x, m in zip(ref_grads, keep)])
+
+
 def test_route_order_is_a_stable_partition():
     gen = torch.Generator().manual_seed(0)
     is_all = torch.rand(2, 6, 23, generator=gen) < 0.3
@@ -418,7 +466,7 @@ def test_capabilities_and_availability(monkeypatch):
     assert row.status == "available" and row.backend.priority == (-1 if INTERPRET else 100)
     caps = row.backend.capabilities
     assert caps.head_dims == (16, 256) and "bfloat16" in caps.dtypes and "cuda" in caps.devices and caps.seqlens
-    assert caps.leftpad
+    assert caps.leftpad and caps.packed
     assert ("cpu" in caps.devices) == INTERPRET
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -435,6 +483,9 @@ def test_custom_op_passes_opcheck():
     torch.library.opcheck(ops.aha_forward, (q, k, v, g.clone().requires_grad_(True), 3, 0.25, True, True, seqlens))
     leftpad = torch.tensor([4], dtype=torch.int32, device=DEVICE)  # queries 1..3 are padding
     torch.library.opcheck(ops.aha_forward, (q, k, v, g, 3, 0.25, False, False, seqlens, leftpad))
+    cu_q, cu_k = torch.tensor([0, 4, 9], device=DEVICE), torch.tensor([0, 5, 12], device=DEVICE)
+    torch.library.opcheck(ops.aha_forward, (q, k, v, g.clone().requires_grad_(True), 3, 0.25, True, False, None, None,
+                                            cu_q, cu_k))
 
 
 def _traced_by_dynamo(module) -> bool:
@@ -461,22 +512,32 @@ def test_torch_compile_fullgraph_through_aha_attention():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.skipif(not _traced_by_dynamo(ops), reason="dynamo skips this checkout's path (contains 'triton/backends')")
-def test_torch_compile_fullgraph_with_cache_seqlens():
-    """cache_seqlens goes through torch.compile(fullgraph=True) from aha.attention to the custom ops
-    (validation checks the lengths' values in eager calls only)."""
-    q, k, v, _, dout = _inputs(2, 2, 1, 5, 17, 16, torch.float32, seed=4)
-    logits = torch.randn(2, 2, 5, device=DEVICE)
-    lens = torch.tensor([17, 9], dtype=torch.int32, device=DEVICE)
+COMPILE_RAGGED = {  # B, Nq, Nk, ragged arguments (lists of ints)
+    "cache_seqlens": (2, 5, 17, {"cache_seqlens": [17, 9]}),
+    "cache_leftpad": (2, 5, 17, {"cache_seqlens": [17, 9], "cache_leftpad": [0, 6]}),  # row 1: 2 padding queries
+    "packed": (1, 12, 17, {"cu_seqlens_q": [0, 5, 12], "cu_seqlens_k": [0, 8, 17]}),
+}
 
-    def step(q, k, v, logits, lens):
-        return aha.attention(q, k, v, aha.route(logits), window=4, cache_seqlens=lens, backend="triton")
+
+@pytest.mark.skipif(not _traced_by_dynamo(ops), reason="dynamo skips this checkout's path (contains 'triton/backends')")
+@pytest.mark.parametrize("case", COMPILE_RAGGED)
+def test_torch_compile_fullgraph_with_ragged_batches(case):
+    """cache_seqlens, cache_leftpad and cu_seqlens_q/_k go through torch.compile(fullgraph=True) from
+    aha.attention to the custom ops (validation checks their values in eager calls only; max_seqlen_q/_k
+    are None there)."""
+    bsz, nq, nk, rag = COMPILE_RAGGED[case]
+    q, k, v, _, dout = _inputs(bsz, 2, 1, nq, nk, 16, torch.float32, seed=4)
+    logits = torch.randn(bsz, 2, nq, device=DEVICE)
+    rag = {name: torch.tensor(val, dtype=torch.int32, device=DEVICE) for name, val in rag.items()}
+
+    def step(q, k, v, logits, rag):
+        return aha.attention(q, k, v, aha.route(logits), window=4, backend="triton", **rag)
 
     aha.backends()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v, logits)]
-    got = torch.autograd.grad(compiled(*leaves, lens), leaves, dout)
-    want = torch.autograd.grad(step(*leaves, lens), leaves, dout)
+    got = torch.autograd.grad(compiled(*leaves, rag), leaves, dout)
+    want = torch.autograd.grad(step(*leaves, rag), leaves, dout)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
 

@@ -46,6 +46,7 @@ def register_backends(register):
                 head_dims=(16, 256),
                 seqlens=True,
                 leftpad=True,
+                packed=True,
                 deterministic=False,  # dq by float32 atomics unless torch.use_deterministic_algorithms(True)
             ),
             # Under the interpreter (tests) the kernels are far slower than the torch backend: serve
