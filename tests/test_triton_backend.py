@@ -373,6 +373,23 @@ def test_packed_keys_of_one_sequence_never_reach_another(mode, deterministic):
                       ref_out[:, :, others_q.numpy()], [x[:, :, m.numpy()] for x, m in zip(ref_grads, keep)])
 
 
+@pytest.mark.parametrize(("case", "mode", "deterministic"), [("packed", "routed", False), ("leftpad", "gate-grad", True)])
+def test_ragged_batches_with_gpu_tile_sizes(case, mode, deterministic):
+    """The GPU tile sizes (query blocks of 128 in the forward, 64 in dk/dv) over sequences of 90 and more
+    keys: packed, and left-padded rows, against the reference."""
+    gpu = {kernel: _launch.gpu_tiles(kernel, 64) for kernel in ("fwd", "dkdv", "dq")}
+    if case == "packed":
+        shape, cu_q, cu_k = (1, 4, 2, 200, 230, 64), (0, 70, 75, 160, 200), (0, 90, 100, 190, 230)
+        rag = {"cu_seqlens_q": torch.tensor(cu_q, device=DEVICE), "cu_seqlens_k": torch.tensor(cu_k, device=DEVICE)}
+    else:
+        shape = (2, 4, 2, 150, 170, 64)
+        rag = {"cache_leftpad": torch.tensor([30, 100], device=DEVICE), "cache_seqlens": torch.tensor([170, 160], device=DEVICE)}
+    q, k, v, g, dout = _inputs(*shape, torch.float32, seed=len(case))
+    with tiles(**gpu):
+        out, grads = _ragged_grads(q, k, v, g, dout, 40, mode, deterministic, rag)
+    _finite_and_close(out, grads, *_reference(q, k, v, g, dout, 40, rag))
+
+
 def test_route_order_is_a_stable_partition():
     gen = torch.Generator().manual_seed(0)
     is_all = torch.rand(2, 6, 23, generator=gen) < 0.3
