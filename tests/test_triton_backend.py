@@ -22,7 +22,7 @@ pytest.importorskip("triton", reason="the triton backend needs triton (pip insta
 import aha  # noqa: E402
 from aha import reference  # noqa: E402
 from aha.torch_ops import group_rows, route_order  # noqa: E402
-from aha.window import key_block_range, num_blocks, position_offset  # noqa: E402
+from aha.window import num_blocks, position_offset  # noqa: E402
 from aha_triton import _index, _launch, ops  # noqa: E402
 from aha_triton import plugin as triton_plugin  # noqa: E402
 from aha_triton._launch import Tiles, tiles  # noqa: E402
@@ -147,7 +147,7 @@ def test_deterministic_gradients_are_bitwise_repeatable(gate_grad):
 def test_deterministic_follows_torch_setting(monkeypatch):
     seen = []
     real = _launch.backward
-    monkeypatch.setattr(_launch, "backward", lambda *a: seen.append(a[11]) or real(*a))  # a[11]: deterministic
+    monkeypatch.setattr(_launch, "backward", lambda *a, **kw: seen.append(a[11]) or real(*a, **kw))  # a[11]: deterministic
     q, k, v, g, dout = _inputs(1, 2, 1, 9, 9, 16, torch.float32)
     q.requires_grad_(True)
     for flag in (True, False):
@@ -258,6 +258,138 @@ def test_cache_seqlens_through_aha_attention_equal_one_sequence_at_a_time():
         torch.testing.assert_close(out[b : b + 1], alone, rtol=1e-5, atol=1e-6)
 
 
+def _ragged_grads(q, k, v, g, dout, window, mode, deterministic, rag):
+    """out and the gradients (dq, dk, dv[, dgate]) through aha.attention(..., backend="triton")."""
+    q, k, v, g = (x.clone() for x in (q, k, v, g))
+    leaves = [x.requires_grad_(True) for x in (q, k, v)] + ([g.requires_grad_(True)] if mode == "gate-grad" else [])
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        out = aha.attention(q, k, v, g, window=window, backend="triton", **rag)
+        return out, torch.autograd.grad(out, leaves, dout)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def _reference(q, k, v, g, dout, window, rag):
+    """The float64 reference forward and VJP (dq, dk, dv, dgate) of a ragged call."""
+    args = (_np(q), _np(k), _np(v), _np(g), window)
+    rag = {name: _np(x).astype(np.int64) for name, x in rag.items()}
+    return reference.attention(*args, **rag), reference.attention_vjp(*args, _np(dout), **rag)
+
+
+def _finite_and_close(out, grads, ref_out, ref_grads):
+    """out and dq, dk, dv[, dgate] are finite and within float32 tolerance of the reference."""
+    for name, got, r in zip(("out", "dq", "dk", "dv", "dgate"), (out, *grads), (ref_out, *ref_grads)):
+        assert torch.isfinite(got).all(), name
+        _close(name, got, r, torch.float32, kind=int(name != "out"))
+
+
+LEFTPAD_CASES = [  # B, Hq, Hkv, Nq, Nk, D, window, cache_leftpad, cache_seqlens
+    (3, 4, 2, 20, 45, 16, 6, (0, 7, 38), (45, 40, 45)),  # chunked prefill; row 2: 13 padding queries
+    (2, 3, 1, 33, 33, 16, 40, (0, 13), None),  # left-padded prefill (generate), window >= every length
+]
+
+
+# soft: the kernels of gate-grad, without storing the branches in the forward
+RAGGED_MODES = [("routed", False), ("routed", True), ("gate-grad", False), ("gate-grad", True), ("soft", True)]
+
+
+@pytest.mark.parametrize(("mode", "deterministic"), RAGGED_MODES, ids=lambda x: {False: "atomic-dq", True: "dq-pass"}.get(x, x))
+@pytest.mark.parametrize("case", LEFTPAD_CASES, ids=lambda c: "B{}Hq{}Hkv{}Nq{}Nk{}D{}w{}lp{}L{}".format(*c))
+def test_cache_leftpad_matches_reference_with_nan_in_every_padding_slot(case, mode, deterministic):
+    """Row b reads keys [lp_b, L_b) only: NaN in the padding keys, and in the q and k/v slots of padding
+    queries, reaches nothing; forward and the four gradients match the reference; padding queries
+    output exactly 0 and get exactly 0 gradient, padding keys too."""
+    *shape, window, pads, lens = case
+    bsz, _, _, nq, nk, _ = shape
+    q, k, v, g, dout = _inputs(*shape, torch.float32, gate="soft" if mode == "soft" else "random", seed=nq)
+    lens = lens or (nk,) * bsz
+    rag = {"cache_leftpad": torch.tensor(pads, device=DEVICE)}
+    if case[-1] is not None:
+        rag["cache_seqlens"] = torch.tensor(lens, device=DEVICE)
+    padq = torch.zeros(bsz, nq, dtype=torch.bool, device=DEVICE)  # queries before their row's first key
+    for b, (lp, n) in enumerate(zip(pads, lens)):
+        k[b, :, :lp], v[b, :, :lp] = float("nan"), float("inf")
+        k[b, :, n:], v[b, :, n:] = float("inf"), float("nan")
+        padq[b] = n - nq + torch.arange(nq, device=DEVICE) < lp
+    assert padq.any()
+    q[padq[:, None].expand_as(g)] = float("nan")
+    out, grads = _ragged_grads(q, k, v, g, dout, window, mode, deterministic, rag)
+    ref_out, ref_grads = _reference(q, k, v, g, dout, window, rag)
+    _finite_and_close(out, grads, ref_out, ref_grads)
+    pad = padq[:, None].expand_as(g)
+    assert not out[pad].any() and not grads[0][pad].any()
+    assert mode != "gate-grad" or not grads[3][pad].any()
+    for b, (lp, n) in enumerate(zip(pads, lens)):
+        for dkv in grads[1:3]:
+            assert not dkv[b, :, :lp].any() and not dkv[b, :, n:].any()
+
+
+# B = 1, Hq, Hkv, D; 5 sequences: Nq < Nk, no queries, Nq = Nk twice (blocks of 16 straddle them), Nq < Nk
+PACKED = (1, 4, 2, 16)
+CU_Q, CU_K = (0, 3, 3, 20, 31, 40), (0, 5, 9, 26, 37, 50)
+
+
+def _packed_inputs(mode, seed):
+    q, k, v, g, dout = _inputs(*PACKED[:3], CU_Q[-1], CU_K[-1], PACKED[3], torch.float32,
+                               gate="soft" if mode == "soft" else "random", seed=seed)
+    rag = {"cu_seqlens_q": torch.tensor(CU_Q, device=DEVICE), "cu_seqlens_k": torch.tensor(CU_K, device=DEVICE)}
+    return q, k, v, g, dout, rag
+
+
+@pytest.mark.parametrize(("window", "mode", "deterministic"), [(6, *m) for m in RAGGED_MODES]
+                         + [(64, "routed", False), (64, "gate-grad", True)],  # 64: window >= every length
+                         ids=lambda x: {False: "atomic-dq", True: "dq-pass"}.get(x, str(x)))
+def test_packed_sequences_match_reference(window, mode, deterministic):
+    """Packed sequences (cu_seqlens_q / _k) in one launch per kernel: forward and the four gradients
+    match the reference; NaN/inf in the keys of a sequence without queries reach nothing, and those
+    keys get exactly 0 gradient."""
+    q, k, v, g, dout, rag = _packed_inputs(mode, seed=window)
+    k[:, :, CU_K[1] : CU_K[2]], v[:, :, CU_K[1] : CU_K[2]] = float("nan"), float("inf")
+    out, grads = _ragged_grads(q, k, v, g, dout, window, mode, deterministic, rag)
+    ref_out, ref_grads = _reference(q, k, v, g, dout, window, rag)
+    _finite_and_close(out, grads, ref_out, ref_grads)
+    for dkv in grads[1:3]:
+        assert not dkv[:, :, CU_K[1] : CU_K[2]].any()
+
+
+@pytest.mark.parametrize(("mode", "deterministic"), [("routed", False), ("gate-grad", True)],
+                         ids=["routed-atomic-dq", "gate-grad-dq-pass"])
+def test_packed_keys_of_one_sequence_never_reach_another(mode, deterministic):
+    """NaN keys and inf values in sequence 3 leave every other sequence's output and gradients
+    (dq, dgate of its queries; dk, dv of its keys) finite and equal to the reference on clean inputs."""
+    q, k, v, g, dout, rag = _packed_inputs(mode, seed=9)
+    ref_out, ref_grads = _reference(q, k, v, g, dout, 6, rag)
+    (q0, q1), (k0, k1) = CU_Q[3:5], CU_K[3:5]
+    k[:, :, k0:k1], v[:, :, k0:k1] = float("nan"), float("inf")
+    out, grads = _ragged_grads(q, k, v, g, dout, 6, mode, deterministic, rag)
+    others_q = torch.ones(CU_Q[-1], dtype=torch.bool)
+    others_q[q0:q1] = False
+    others_k = torch.ones(CU_K[-1], dtype=torch.bool)
+    others_k[k0:k1] = False
+    assert not torch.isfinite(out[:, :, q0:q1]).all()  # sequence 3's All tokens read the poison
+    keep = (others_q, others_k, others_k, others_q)  # dq, dk, dv, dgate
+    _finite_and_close(out[:, :, others_q.to(DEVICE)], [x[:, :, m.to(DEVICE)] for x, m in zip(grads, keep)],
+                      ref_out[:, :, others_q.numpy()], [x[:, :, m.numpy()] for x, m in zip(ref_grads, keep)])
+
+
+@pytest.mark.parametrize(("case", "mode", "deterministic"), [("packed", "routed", False), ("leftpad", "gate-grad", True)])
+def test_ragged_batches_with_gpu_tile_sizes(case, mode, deterministic):
+    """The GPU tile sizes (query blocks of 128 in the forward, 64 in dk/dv) over sequences of 90 and more
+    keys: packed, and left-padded rows, against the reference."""
+    gpu = {kernel: _launch.gpu_tiles(kernel, 64) for kernel in ("fwd", "dkdv", "dq")}
+    if case == "packed":
+        shape, cu_q, cu_k = (1, 4, 2, 200, 230, 64), (0, 70, 75, 160, 200), (0, 90, 100, 190, 230)
+        rag = {"cu_seqlens_q": torch.tensor(cu_q, device=DEVICE), "cu_seqlens_k": torch.tensor(cu_k, device=DEVICE)}
+    else:
+        shape = (2, 4, 2, 150, 170, 64)
+        rag = {"cache_leftpad": torch.tensor([30, 100], device=DEVICE), "cache_seqlens": torch.tensor([170, 160], device=DEVICE)}
+    q, k, v, g, dout = _inputs(*shape, torch.float32, seed=len(case))
+    with tiles(**gpu):
+        out, grads = _ragged_grads(q, k, v, g, dout, 40, mode, deterministic, rag)
+    _finite_and_close(out, grads, *_reference(q, k, v, g, dout, 40, rag))
+
+
 def test_route_order_is_a_stable_partition():
     gen = torch.Generator().manual_seed(0)
     is_all = torch.rand(2, 6, 23, generator=gen) < 0.3
@@ -269,36 +401,74 @@ def test_route_order_is_a_stable_partition():
         assert n_all[bh] == rows[bh].sum()
 
 
-@pytest.mark.parametrize("seqlens", [None, (45, 38, 37)], ids=["Nk", "cache_seqlens"])
+RANGE_CASES = {  # B and the ragged arguments of a problem with Nq = 37, Nk = 45
+    "Nk": (1, {}),
+    "cache_seqlens": (3, {"cache_seqlens": (45, 38, 37)}),
+    "cache_leftpad": (3, {"cache_seqlens": (45, 38, 41), "cache_leftpad": (0, 9, 30)}),  # row 2: 26 padding queries
+    "packed": (1, {"cu_seqlens_q": (0, 10, 10, 30, 37), "cu_seqlens_k": (0, 12, 15, 38, 45)}),  # one without queries
+}
+
+
+def _query_keys(bsz, nq, nk, rag):
+    """Oracle from aha.sequences: keys [start, pos] of each query's sequence, None for a padding query."""
+    from aha.sequences import segments
+
+    keys = [[None] * nq for _ in range(bsz)]
+    for sg in segments(bsz, nq, nk, **rag):
+        for i in range(sg.q_lo, sg.q_hi):
+            keys[sg.batch][i] = (sg.k_lo, sg.k_hi - sg.q_hi + i)
+    return keys
+
+
+@pytest.mark.parametrize("case", RANGE_CASES)
 @pytest.mark.parametrize("window", [1, 5, 40])
-def test_dkdv_ranges_cover_exactly_the_touched_blocks(window, seqlens):
-    """Each key block's query block ranges agree with the forward's key block ranges
-    (aha.window.key_block_range, over the L_b keys of each sequence with cache_seqlens),
-    and blocks said to be unmasked see every key of the block."""
-    nq, nk, g, bm, bn = 37, 45, 2, 8, 8
-    bsz = 1 if seqlens is None else len(seqlens)
+def test_dkdv_ranges_cover_the_touched_blocks(window, case):
+    """Each key block's query block ranges (routed segments, and BOTH's natural order) cover every
+    query block with a row that reads a key of it (exactly those, without left padding or packing),
+    and blocks said to see the whole key block have every row read all of its keys."""
+    nq, nk, hkv, g, bm, bn = 37, 45, 2, 2, 8, 8
+    bsz, rag = RANGE_CASES[case]
+    keys = _query_keys(bsz, nq, nk, rag)
     gen = torch.Generator().manual_seed(window)
-    is_all = torch.rand(bsz, 2 * g, nq, generator=gen) < 0.4
-    order, n_all = route_order(is_all, heads_kv=2)
-    lens = None if seqlens is None else torch.tensor(seqlens, dtype=torch.int32)
-    ranges = _index.dkdv_ranges(order, n_all, nq, nk, g, window, bm, bn, lens)
-    for bh in range(order.shape[0]):
-        seq_nk = nk if seqlens is None else seqlens[bh // 2]
-        segments = [(True, 0, int(n_all[bh])), (False, int(n_all[bh]), g * nq)]
-        for seg, (is_all_seg, lo, hi) in enumerate(segments):
-            for t in range(num_blocks(hi - lo, bm)):
-                rows = order[bh, lo + t * bm : min(lo + (t + 1) * bm, hi)].long()
-                i = rows // g
-                kb_lo, kb_hi = key_block_range(int(i[0]), int(i[-1]) + 1, nq, seq_nk, window, bn, is_all_seg)
-                for kb in range(num_blocks(nk, bn)):
-                    a0, a1, h0, h1, h2, h3 = ranges[bh, kb, :6].tolist()
-                    visits = a0 <= t < num_blocks(hi - lo, bm) if is_all_seg else h0 <= t < h3
-                    assert visits == (kb_lo <= kb < kb_hi), (bh, seg, t, kb)
-                    unmasked = t >= a1 if is_all_seg else h1 <= t < h2
-                    if visits and unmasked:
-                        pos = position_offset(nq, seq_nk) + i
-                        first = 0 if is_all_seg else int(pos.max()) - window + 1
-                        assert first <= kb * bn and min((kb + 1) * bn, nk) - 1 <= int(pos.min())
+    is_all = torch.rand(bsz, hkv * g, nq, generator=gen) < 0.4
+    order, n_all = route_order(is_all, heads_kv=hkv)
+    t = {name: torch.tensor(val, dtype=torch.int32) for name, val in rag.items()}
+    qpos = qstart = None
+    if case == "packed":
+        qpos, qstart = _launch.packed_positions(t["cu_seqlens_q"], t["cu_seqlens_k"], nq)
+    pos, start = _index.query_bounds(bsz, hkv, nq, nk, "cpu", t.get("cache_seqlens"), t.get("cache_leftpad"),
+                                     qpos, qstart)
+    exact = case in ("Nk", "cache_seqlens")
+    for both in (False, True):
+        ranges = _index.dkdv_ranges(None if both else (order, n_all), pos, start, nk, g, window, bm, bn)
+        for bh in range(order.shape[0]):
+            na = int(n_all[bh])
+            segs = [(None, 0, g * nq)] if both else [(True, 0, na), (False, na, g * nq)]
+            for seg, (seg_all, lo, hi) in enumerate(segs):
+                for tb in range(num_blocks(hi - lo, bm)):
+                    slots = range(lo + tb * bm, min(lo + (tb + 1) * bm, hi))
+                    rows = list(slots) if both else order[bh, lo + tb * bm : slots.stop].tolist()
+                    reads = []  # per row: keys [first, last] it reads in this segment's branch, None if none
+                    for r in rows:
+                        kr = keys[bh // hkv][r // g]
+                        first = None if kr is None else (kr[0] if seg_all in (True, None) else max(kr[0], kr[1] - window + 1))
+                        reads.append(None if kr is None else (first, kr[1]))
+                    for kb in range(num_blocks(nk, bn)):
+                        k_first, k_last = kb * bn, min(kb * bn + bn, nk) - 1
+                        r0, r1, r2, r3 = ranges[bh, kb, 4 * seg : 4 * seg + 4].tolist()
+                        touched = any(x is not None and max(x[0], k_first) <= min(x[1], k_last) for x in reads)
+                        visited, whole = r0 <= tb < r3, r1 <= tb < r2
+                        assert visited == touched if exact else (visited or not touched), (both, bh, seg, tb, kb)
+                        if whole:  # every row reads all of the key block (BOTH: through All only)
+                            assert all(x is not None and x[0] <= k_first and k_last <= x[1] for x in reads)
+                            assert not both or all(keys[bh // hkv][r // g][1] - window + 1 > k_last for r in rows)
+
+
+def test_packed_positions_follow_the_sequences():
+    cq, ck = (0, 3, 3, 7), (0, 5, 9, 13)  # sequence 1 has keys but no query
+    qpos, qstart = _launch.packed_positions(torch.tensor(cq), torch.tensor(ck), 7)
+    assert qpos.tolist() == [2, 3, 4, 9, 10, 11, 12] and qstart.tolist() == [0, 0, 0, 9, 9, 9, 9]
+    assert qpos.dtype == qstart.dtype == torch.int32
 
 
 def test_interpreted_kernels_serve_only_calls_that_name_them():
@@ -313,6 +483,7 @@ def test_capabilities_and_availability(monkeypatch):
     assert row.status == "available" and row.backend.priority == (-1 if INTERPRET else 100)
     caps = row.backend.capabilities
     assert caps.head_dims == (16, 256) and "bfloat16" in caps.dtypes and "cuda" in caps.devices and caps.seqlens
+    assert caps.leftpad and caps.packed
     assert ("cpu" in caps.devices) == INTERPRET
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -327,6 +498,11 @@ def test_custom_op_passes_opcheck():
         torch.library.opcheck(ops.aha_forward, args)
     seqlens = torch.tensor([10], dtype=torch.int32, device=DEVICE)
     torch.library.opcheck(ops.aha_forward, (q, k, v, g.clone().requires_grad_(True), 3, 0.25, True, True, seqlens))
+    leftpad = torch.tensor([4], dtype=torch.int32, device=DEVICE)  # queries 1..3 are padding
+    torch.library.opcheck(ops.aha_forward, (q, k, v, g, 3, 0.25, False, False, seqlens, leftpad))
+    cu_q, cu_k = torch.tensor([0, 4, 9], device=DEVICE), torch.tensor([0, 5, 12], device=DEVICE)
+    torch.library.opcheck(ops.aha_forward, (q, k, v, g.clone().requires_grad_(True), 3, 0.25, True, False, None, None,
+                                            cu_q, cu_k))
 
 
 def _traced_by_dynamo(module) -> bool:
@@ -353,22 +529,32 @@ def test_torch_compile_fullgraph_through_aha_attention():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.skipif(not _traced_by_dynamo(ops), reason="dynamo skips this checkout's path (contains 'triton/backends')")
-def test_torch_compile_fullgraph_with_cache_seqlens():
-    """cache_seqlens goes through torch.compile(fullgraph=True) from aha.attention to the custom ops
-    (validation checks the lengths' values in eager calls only)."""
-    q, k, v, _, dout = _inputs(2, 2, 1, 5, 17, 16, torch.float32, seed=4)
-    logits = torch.randn(2, 2, 5, device=DEVICE)
-    lens = torch.tensor([17, 9], dtype=torch.int32, device=DEVICE)
+COMPILE_RAGGED = {  # B, Nq, Nk, ragged arguments (lists of ints)
+    "cache_seqlens": (2, 5, 17, {"cache_seqlens": [17, 9]}),
+    "cache_leftpad": (2, 5, 17, {"cache_seqlens": [17, 9], "cache_leftpad": [0, 6]}),  # row 1: 2 padding queries
+    "packed": (1, 12, 17, {"cu_seqlens_q": [0, 5, 12], "cu_seqlens_k": [0, 8, 17]}),
+}
 
-    def step(q, k, v, logits, lens):
-        return aha.attention(q, k, v, aha.route(logits), window=4, cache_seqlens=lens, backend="triton")
+
+@pytest.mark.skipif(not _traced_by_dynamo(ops), reason="dynamo skips this checkout's path (contains 'triton/backends')")
+@pytest.mark.parametrize("case", COMPILE_RAGGED)
+def test_torch_compile_fullgraph_with_ragged_batches(case):
+    """cache_seqlens, cache_leftpad and cu_seqlens_q/_k go through torch.compile(fullgraph=True) from
+    aha.attention to the custom ops (validation checks their values in eager calls only; max_seqlen_q/_k
+    are None there)."""
+    bsz, nq, nk, rag = COMPILE_RAGGED[case]
+    q, k, v, _, dout = _inputs(bsz, 2, 1, nq, nk, 16, torch.float32, seed=4)
+    logits = torch.randn(bsz, 2, nq, device=DEVICE)
+    rag = {name: torch.tensor(val, dtype=torch.int32, device=DEVICE) for name, val in rag.items()}
+
+    def step(q, k, v, logits, rag):
+        return aha.attention(q, k, v, aha.route(logits), window=4, backend="triton", **rag)
 
     aha.backends()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v, logits)]
-    got = torch.autograd.grad(compiled(*leaves, lens), leaves, dout)
-    want = torch.autograd.grad(step(*leaves, lens), leaves, dout)
+    got = torch.autograd.grad(compiled(*leaves, rag), leaves, dout)
+    want = torch.autograd.grad(step(*leaves, rag), leaves, dout)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
 

@@ -81,16 +81,24 @@ PROBLEMS = {
             (torch.bfloat16, 16), (torch.bfloat16, 40), (torch.bfloat16, 256)],
     "quick": [(torch.bfloat16, 128)],
 }
+# ragged variants compiled per problem set: quick skips cache_seqlens alone (the leftpad variant has it too)
+RAGGED = {"all": ("seqlens", "leftpad", "packed"), "quick": ("leftpad", "packed")}
 
 
-def recorded_launches(dtype, d):
-    """Every kernel launch of forward and backward (routed and dense; both dq modes; with and without
-    cache_seqlens) for one dtype and D."""
+def recorded_launches(dtype, d, ragged=("seqlens", "leftpad", "packed")):
+    """Every kernel launch of forward and backward (routed and dense; both dq modes; plain calls and the
+    ``ragged`` variants: cache_seqlens, cache_seqlens with cache_leftpad, packed sequences) for one dtype and D."""
     calls = []
     saved = {name: getattr(_launch, name) for name in _KERNELS}
     for name in _KERNELS:
         setattr(_launch, name, _Recorder(saved[name], calls))
     gpu = {kernel: _launch.gpu_tiles(kernel, _launch._block_d(d)) for kernel in ("fwd", "dkdv", "dq")}
+    i32 = dict(dtype=torch.int32)
+    variants = {  # decode / chunked prefill: 5 queries; packed: 40 queries in two sequences
+        "seqlens": (5, {"seqlens": torch.tensor([33], **i32)}),
+        "leftpad": (5, {"seqlens": torch.tensor([33], **i32), "leftpad": torch.tensor([30], **i32)}),
+        "packed": (40, {"cu_seqlens_q": torch.tensor([0, 17, 40], **i32), "cu_seqlens_k": torch.tensor([0, 17, 40], **i32)}),
+    }
     try:
         with _launch.tiles(**gpu), _no_interpreter():
             gen = torch.Generator().manual_seed(0)
@@ -101,11 +109,11 @@ def recorded_launches(dtype, d):
                 out, lse, br = _launch.forward(q, k, v, gate, 8, d**-0.5, both=both, store_branches=both)
                 for det in (True, False):
                     _launch.backward(q, q, k, v, gate, out, lse, br, 8, d**-0.5, both, det)
-                # cache_seqlens (VARLEN): decode and chunked prefill; one backward mode is enough for the check
-                lens = torch.tensor([33], dtype=torch.int32)
-                q1, gate1 = q[:, :, :5], gate[:, :, :5]
-                out, lse, br = _launch.forward(q1, k, v, gate1, 8, d**-0.5, both=both, store_branches=both, seqlens=lens)
-                _launch.backward(q1, q1, k, v, gate1, out, lse, br, 8, d**-0.5, both, True, lens)
+                for name in ragged:  # the dq pass (deterministic) compiles every kernel
+                    nq, rag = variants[name]
+                    q1, gate1 = q[:, :, :nq], gate[:, :, :nq]
+                    out, lse, br = _launch.forward(q1, k, v, gate1, 8, d**-0.5, both=both, store_branches=both, **rag)
+                    _launch.backward(q1, q1, k, v, gate1, out, lse, br, 8, d**-0.5, both, True, **rag)
     finally:
         for name, fn in saved.items():
             setattr(_launch, name, fn)
@@ -128,7 +136,7 @@ def compile_all(arch: int = 90, problems="all", kernels=_KERNELS) -> list[dict]:
     backend = triton.compiler.make_backend(target)
     rows, seen = [], set()
     for dtype, d in PROBLEMS[problems]:
-        for fn, args, kwargs in recorded_launches(dtype, d):
+        for fn, args, kwargs in recorded_launches(dtype, d, RAGGED[problems]):
             if fn.__name__ not in kernels:
                 continue
             src = _source(fn, args, kwargs)
@@ -158,7 +166,8 @@ def main(argv=None) -> int:
         return 2
     rows = compile_all(args.arch, args.problems)
     for r in rows:
-        print(f"sm_{args.arch} {r['kernel']:<20} {r['dtype']:<8} D={r['D']:<3} BOTH={r.get('BOTH', '-')!s:<5} "
+        ragged = "+".join(name for name in ("VARLEN", "LEFTPAD", "PACKED") if r.get(name)) or "-"
+        print(f"sm_{args.arch} {r['kernel']:<20} {r['dtype']:<8} D={r['D']:<3} BOTH={r.get('BOTH', '-')!s:<5} {ragged:<14} "
               f"M={r.get('BLOCK_M', r.get('BLOCK_R'))} N={r.get('BLOCK_N', '-')} warps={r.get('num_warps', '-')} "
               f"stages={r.get('num_stages', '-')}  regs={r.get('reg')} spill={r.get('local')} "
               f"shared={r['shared_triton']} wgmma={r['wgmma']}")

@@ -6,9 +6,19 @@ read the rows through ``order`` (All segment, then Here segment); dense calls
 (BOTH: every token computes All and Here) read them in natural order.
 Softmax state is kept in base 2: s2 = scale * log2(e) * q.k, lse2 = m + log2(l).
 
-Sequence lengths: with VARLEN, sequence b holds L_b = SEQLENS[b] keys (cache_seqlens);
-its queries sit at L_b - Nq + i and keys from L_b on are never loaded. A program
-reads its L_b once (:func:`_seq_len`) and uses it wherever the whole-batch Nk would be.
+Ragged batches (constexpr switches, so that plain calls compile as before). A row reads
+keys ``start <= j <= pos`` (All) or ``max(start, pos - window + 1) <= j <= pos`` (Here):
+
+    VARLEN   batch row b holds keys [0, L_b), L_b = SEQLENS[b] (cache_seqlens): its queries
+             sit at pos = L_b - Nq + i and keys from L_b on are never loaded
+    LEFTPAD  row b's keys start at PADS[b] (cache_leftpad); a query with pos < start
+             reads no key: its output is 0 (l == 0 is guarded) and it gets no gradient
+    PACKED   B = 1, sequences packed along N (cu_seqlens): query i sits at QPOS[i] and its
+             sequence's keys start at QSTART[i] (see _launch.packed_positions)
+
+A program reads its row's bounds once (:func:`_seq_keys`), and each row's pos and start
+come from :func:`_row_coords`. Query blocks may hold rows of several packed sequences:
+the key blocks they visit cover the union of their rows' ranges, and masks do the rest.
 """
 
 from __future__ import annotations
@@ -59,24 +69,53 @@ def _block_rows(ORDER_ROW, start, end, BOTH: tl.constexpr, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def _seq_len(SEQLENS, b, NK, VARLEN: tl.constexpr):
-    """Keys of sequence b: cache_seqlens[b] (VARLEN), else all NK of them."""
-    n = NK
+def _seq_keys(SEQLENS, PADS, b, NK, VARLEN: tl.constexpr, LEFTPAD: tl.constexpr):
+    """Keys [k0, k1) of batch row b: cache_leftpad[b] (LEFTPAD) to cache_seqlens[b] (VARLEN), else [0, NK)."""
+    k0 = 0
+    k1 = NK
+    if LEFTPAD:
+        k0 = tl.load(PADS + b)
     if VARLEN:
-        n = tl.load(SEQLENS + b)
-    return n
+        k1 = tl.load(SEQLENS + b)
+    return k0, k1
 
 
 @triton.jit
-def _row_coords(row, bh, NQ, NK, G: tl.constexpr):
-    """Query position i, absolute position pos and flat token index (b, h, i) of each row.
+def _row_coords(row, bh, NQ, seq, G: tl.constexpr, PACKED: tl.constexpr):
+    """Query position i, absolute position pos, first key start and flat token index (b, h, i) of each row.
 
-    NK: the keys of the row's sequence (its cache_seqlens entry); queries sit bottom-right."""
+    seq = (k0, k1, QPOS, QSTART): the program's row bounds (:func:`_seq_keys`); queries sit
+    bottom-right (pos = k1 - NQ + i) and start at k0, or under PACKED at QPOS[i], QSTART[i]."""
     i = row // G
     hl = row % G
-    pos = NK - NQ + i
+    if PACKED:
+        pos = tl.load(seq[2] + i)
+        start = tl.load(seq[3] + i)
+    else:
+        pos = seq[1] - NQ + i
+        start = tl.zeros_like(pos) + seq[0]
     token = (bh.to(tl.int64) * G + hl) * NQ + i  # index into [B, Hq, Nq]
-    return i, hl, pos, token
+    return i, hl, pos, start, token
+
+
+@triton.jit
+def _routed_stages(lo, pos, BLOCK_N: tl.constexpr):
+    """Key blocks of rows that read keys lo <= j <= pos (lo >= 0):
+    masked [kb_lo, b1), whole for every row [b1, b2), masked [b2, kb_hi)."""
+    kb_lo = tl.min(lo, 0) // BLOCK_N
+    kb_hi = tl.cdiv(tl.maximum(tl.max(pos, 0) + 1, 0), BLOCK_N)
+    b1 = tl.minimum(tl.maximum(tl.cdiv(tl.max(lo, 0), BLOCK_N), kb_lo), kb_hi)
+    b2 = tl.minimum(tl.maximum(tl.maximum(tl.min(pos, 0) + 1, 0) // BLOCK_N, b1), kb_hi)
+    return kb_lo, b1, b2, kb_hi
+
+
+@triton.jit
+def _both_stages(start, pos, WINDOW, BLOCK_N: tl.constexpr):
+    """Key blocks of rows that read All keys start <= j <= pos and Here the last WINDOW of them:
+    both masked [kb_lo, b1), All only and whole for every row [b1, b2), both masked [b2, kb_hi)."""
+    kb_lo, b1, _, kb_hi = _routed_stages(start, pos, BLOCK_N)
+    b2 = tl.minimum(tl.maximum(tl.maximum(tl.min(pos, 0) - WINDOW + 1, 0) // BLOCK_N, b1), kb_hi)
+    return kb_lo, b1, b2, kb_hi
 
 
 @triton.jit

@@ -2,11 +2,15 @@
 
 One program = one query block of one (batch, kv head) group. Its rows all take
 one branch (routed) or both (BOTH), and it visits only the key blocks that the
-union of its rows' key ranges touches, in up to three stages:
+union of its rows' key ranges touches, in up to three stages (_common._routed_stages):
 
-    masked  [kb_lo, b1)   some row's window starts inside these blocks
+    masked  [kb_lo, b1)   some row's range (window, sequence) starts inside these blocks
     full    [b1, b2)      every row sees every key: no mask, no NaN guard
     masked  [b2, kb_hi)   the causal edge
+
+BOTH (_common._both_stages): both branches, masked, on [kb_lo, b1) and [b2, kb_hi);
+All alone on [b1, b2), below every row's window. A row that reads no key (a padding
+query of a left-padded row) ends with l = 0: its output is 0 and its lse2 +inf.
 
 NaN safety in masked blocks: scores outside a row's range become -inf, and
 values with a NaN or inf are zeroed before p @ V (0 * NaN would leak into rows
@@ -14,7 +18,7 @@ that do not read them); a row that does read such a value is flagged and comes
 out NaN, as in the reference.
 
 Bundles passed to the helpers: ``kv = (k_base, v_base, stride_kn, stride_vn, NK)`` (NK: the
-keys of this program's sequence, L_b under VARLEN; masked loads stop there),
+keys of this program's batch row, L_b under VARLEN; masked loads stop there),
 ``TILE = (HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)`` (constexpr) and the softmax
 state ``(acc, m, lsum, bad)``.
 """
@@ -28,11 +32,13 @@ from aha_triton._common import (
     _any_bad,
     _bad_columns,
     _block_rows,
+    _both_stages,
     _dense_block,
     _finite,
+    _routed_stages,
     _row_coords,
     _segment,
-    _seq_len,
+    _seq_keys,
 )
 
 
@@ -94,12 +100,12 @@ def _fwd_stage(state, q, kv, kb_lo, kb_hi, lo, pos, scale_log2, MASKED: tl.const
 
 
 @triton.jit
-def _fwd_stage_both(state_a, state_h, q, kv, kb_lo, kb_hi, pos, WINDOW, scale_log2, TILE: tl.constexpr):
+def _fwd_stage_both(state_a, state_h, q, kv, kb_lo, kb_hi, start, pos, WINDOW, scale_log2, TILE: tl.constexpr):
     """All and Here together over key blocks [kb_lo, kb_hi), masked: one q.k for both branches."""
     for kb in range(kb_lo, kb_hi):
         k, v, j = _load_kv(kv, kb, True, TILE)
         s = tl.dot(q, tl.trans(k), input_precision=TILE[3]) * scale_log2  # (M, N)
-        seen_a = j[None, :] <= pos[:, None]
+        seen_a = (j[None, :] >= start[:, None]) & (j[None, :] <= pos[:, None])
         seen_h = seen_a & (j[None, :] > pos[:, None] - WINDOW)
         if _any_bad(v):
             col_bad = _bad_columns(v)[None, :] > 0
@@ -113,25 +119,29 @@ def _fwd_stage_both(state_a, state_h, q, kv, kb_lo, kb_hi, pos, WINDOW, scale_lo
 
 @triton.jit
 def _finish(state):
-    """Normalised branch output [M, D] (NaN where a read value was NaN/inf) and its lse2 [M]."""
+    """Normalised branch output [M, D] (NaN where a read value was NaN/inf) and its lse2 [M].
+
+    A row that read no key (l = 0, acc = 0) gets 0 and lse2 = +inf, so that exp2(s - lse2) = 0."""
     acc, m, lsum, bad = state
-    out = tl.where(bad[:, None] > 0, float("nan"), acc / lsum[:, None])
-    return out, m + tl.log2(lsum)
+    read = lsum > 0
+    lsafe = tl.where(read, lsum, 1.0)
+    out = tl.where(bad[:, None] > 0, float("nan"), acc / lsafe[:, None])
+    return out, tl.where(read, m + tl.log2(lsafe), float("inf"))
 
 
 @triton.jit
 def _aha_fwd(
-    Q, K, V, GATE, ORDER, NALL, OUT, LSE, BRANCHES, SEQLENS,
+    Q, K, V, GATE, ORDER, NALL, OUT, LSE, BRANCHES, SEQLENS, PADS, QPOS, QSTART,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     HKV, NQ, NK, WINDOW, TOKENS, scale_log2,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BOTH: tl.constexpr, STORE_BRANCHES: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, LEFTPAD: tl.constexpr, PACKED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """OUT [B, Hq, Nq, D]; LSE [S, B, Hq, Nq] base 2 (S = 1 routed: the selected branch;
     S = 2 BOTH: All, Here); BRANCHES [2, B, Hq, Nq, D] = All, Here when STORE_BRANCHES.
-    TOKENS = B * Hq * Nq. GATE [B, Hq, Nq] float32 (BOTH only). SEQLENS [B] int32 (VARLEN only):
-    sequence b reads keys [0, SEQLENS[b]). Grid: (query blocks, B * Hkv)."""
+    TOKENS = B * Hq * Nq. GATE [B, Hq, Nq] float32 (BOTH only). Ragged (see _common): SEQLENS [B]
+    int32 (VARLEN), PADS [B] int32 (LEFTPAD), QPOS, QSTART [Nq] int32 (PACKED). Grid: (query blocks, B * Hkv)."""
     t = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)
@@ -144,25 +154,23 @@ def _aha_fwd(
     if start >= end:
         return
     row, valid = _block_rows(ORDER + bh.to(tl.int64) * rows, start, end, BOTH, BLOCK_M)
-    nk = _seq_len(SEQLENS, b, NK, VARLEN)
-    i, hl, pos, token = _row_coords(row, bh, NQ, nk, G)
+    k0, nk = _seq_keys(SEQLENS, PADS, b, NK, VARLEN, LEFTPAD)
+    i, hl, pos, start, token = _row_coords(row, bh, NQ, (k0, nk, QPOS, QSTART), G, PACKED)
     d = tl.arange(0, BLOCK_D)
     dmask = d[None, :] < HEAD_DIM
     q_ptr = Q + b * stride_qb + (kvh * G + hl)[:, None] * stride_qh + i[:, None].to(tl.int64) * stride_qn
     q = tl.load(q_ptr + d[None, :], mask=dmask, other=0.0)  # (M, D)
     kv = (K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh, stride_kn, stride_vn, nk)
     TILE: tl.constexpr = (HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
-    pos_first = tl.min(pos, 0)
-    pos_last = tl.max(pos, 0)
-    kb_hi = tl.cdiv(pos_last + 1, BLOCK_N)
     out_ptr = token[:, None] * HEAD_DIM + d[None, :]
     store_mask = valid[:, None] & dmask
     if BOTH:
-        # [0, kb_h): All only, below every window and every row's position; [kb_h, kb_hi): both, masked
-        kb_h = tl.maximum(pos_first - WINDOW + 1, 0) // BLOCK_N
-        state_a = _fwd_stage(_init_state(BLOCK_M, BLOCK_D), q, kv, 0, kb_h, pos, pos, scale_log2, False, TILE)
-        state_a, state_h = _fwd_stage_both(state_a, _init_state(BLOCK_M, BLOCK_D), q, kv, kb_h, kb_hi, pos,
-                                           WINDOW, scale_log2, TILE)
+        kb_lo, b1, b2, kb_hi = _both_stages(start, pos, WINDOW, BLOCK_N)
+        state_a, state_h = _init_state(BLOCK_M, BLOCK_D), _init_state(BLOCK_M, BLOCK_D)
+        if LEFTPAD or PACKED:  # [kb_lo, b1) is empty when every row starts at key 0
+            state_a, state_h = _fwd_stage_both(state_a, state_h, q, kv, kb_lo, b1, start, pos, WINDOW, scale_log2, TILE)
+        state_a = _fwd_stage(state_a, q, kv, b1, b2, start, pos, scale_log2, False, TILE)
+        state_a, state_h = _fwd_stage_both(state_a, state_h, q, kv, b2, kb_hi, start, pos, WINDOW, scale_log2, TILE)
         out_a, lse_a = _finish(state_a)
         out_h, lse_h = _finish(state_h)
         g = tl.load(GATE + token)[:, None]
@@ -175,10 +183,8 @@ def _aha_fwd(
             tl.store(LSE + token, lse_a, mask=valid)
             tl.store(LSE + TOKENS + token, lse_h, mask=valid)
     else:
-        lo = tl.where(is_all == 1, 0, pos - WINDOW + 1)  # first key of each row (unclamped)
-        kb_lo = tl.maximum(tl.min(lo, 0), 0) // BLOCK_N
-        b1 = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(tl.max(lo, 0), 0), BLOCK_N), kb_lo), kb_hi)
-        b2 = tl.minimum(tl.maximum((pos_first + 1) // BLOCK_N, b1), kb_hi)
+        lo = tl.where(is_all == 1, start, tl.maximum(start, pos - WINDOW + 1))  # first key of each row
+        kb_lo, b1, b2, kb_hi = _routed_stages(lo, pos, BLOCK_N)
         state = _fwd_stage(_init_state(BLOCK_M, BLOCK_D), q, kv, kb_lo, b1, lo, pos, scale_log2, True, TILE)
         state = _fwd_stage(state, q, kv, b1, b2, lo, pos, scale_log2, False, TILE)
         state = _fwd_stage(state, q, kv, b2, kb_hi, lo, pos, scale_log2, True, TILE)

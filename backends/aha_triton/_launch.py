@@ -18,7 +18,7 @@ from aha.window import num_blocks
 from aha_triton._bwd import _aha_bwd_dkdv, _aha_bwd_dq, _aha_bwd_preprocess
 from aha_triton._common import LOG2E
 from aha_triton._fwd import _aha_fwd
-from aha_triton._index import dkdv_ranges
+from aha_triton._index import dkdv_ranges, query_bounds
 
 
 @dataclass(frozen=True)
@@ -94,27 +94,72 @@ def hard_is_all(gate: torch.Tensor) -> torch.Tensor:
     return gate if gate.dtype == torch.bool else gate == 1
 
 
-def _check(q, k, v, gate, seqlens=None):
+@dataclass(frozen=True)
+class Ragged:
+    """The ragged-batch tensors the kernels read, int32 on q's device (see _common):
+    seqlens, leftpad [B] (cache_seqlens, cache_leftpad); qpos, qstart [Nq] (packed sequences)."""
+
+    seqlens: torch.Tensor | None = None
+    leftpad: torch.Tensor | None = None
+    qpos: torch.Tensor | None = None
+    qstart: torch.Tensor | None = None
+
+    def pointers(self, none: torch.Tensor) -> tuple:
+        """SEQLENS, PADS, QPOS, QSTART (``none`` where absent: never read)."""
+        return tuple(none if x is None else x for x in (self.seqlens, self.leftpad, self.qpos, self.qstart))
+
+    def switches(self) -> dict:
+        return {"VARLEN": self.seqlens is not None, "LEFTPAD": self.leftpad is not None, "PACKED": self.qpos is not None}
+
+
+def packed_positions(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, nq: int) -> tuple:
+    """Where each packed query sits: qpos, qstart [Nq] int32 on the device of cu_seqlens (no host sync).
+
+    Query i of sequence s (cu_seqlens_q[s] <= i < cu_seqlens_q[s + 1]) sits at key
+    cu_seqlens_k[s + 1] - (cu_seqlens_q[s + 1] - i) (bottom-right in its sequence) and reads keys
+    from qstart[i] = cu_seqlens_k[s] on.
+    """
+    cq, ck = cu_seqlens_q.to(torch.int64), cu_seqlens_k.to(torch.int64)
+    i = torch.arange(nq, device=cq.device)
+    seq = torch.searchsorted(cq[1:].contiguous(), i, right=True)  # s: the sequences that end at or before i
+    qpos = i + ck[1:].gather(0, seq) - cq[1:].gather(0, seq)
+    return qpos.to(torch.int32).contiguous(), ck.gather(0, seq).to(torch.int32).contiguous()
+
+
+def ragged(q, seqlens=None, leftpad=None, cu_seqlens_q=None, cu_seqlens_k=None) -> Ragged:
+    """The kernels' view of a call's ragged-batch arguments (already validated, on q's device)."""
+    if cu_seqlens_q is not None:
+        return Ragged(None, None, *packed_positions(cu_seqlens_q, cu_seqlens_k, q.shape[2]))
+    return Ragged(seqlens, leftpad)
+
+
+def _check(q, k, v, gate, rag: Ragged):
     b, hq, nq, d = q.shape
-    assert seqlens is None or (seqlens.shape == (b,) and seqlens.dtype == torch.int32), (seqlens, q.shape)
+    for x in (rag.seqlens, rag.leftpad):
+        assert x is None or (x.shape == (b,) and x.dtype == torch.int32), (x, q.shape)
+    assert rag.qpos is None or (b == 1 and rag.qpos.shape == rag.qstart.shape == (nq,)), (rag, q.shape)
     assert k.shape == v.shape and k.shape[0] == b and k.shape[3] == d, (q.shape, k.shape, v.shape)
     assert hq % k.shape[1] == 0 and nq <= k.shape[2], (q.shape, k.shape)
     assert gate.shape == (b, hq, nq), (gate.shape, q.shape)
     assert q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16, torch.float32), q.dtype
 
 
-def forward(q, k, v, gate, window: int, scale: float, both: bool, store_branches: bool, seqlens=None):
+def forward(q, k, v, gate, window: int, scale: float, both: bool, store_branches: bool, seqlens=None, leftpad=None,
+            cu_seqlens_q=None, cu_seqlens_k=None):
     """AHA forward. Returns out [B, Hq, Nq, D], lse2 [S, B, Hq, Nq] float32, branches [2, B, Hq, Nq, D].
 
-    seqlens: None, or int32 [B] on q's device (cache_seqlens): sequence b reads k[b, :, :seqlens[b]]
-    and its queries sit at seqlens[b] - Nq + i.
+    seqlens, leftpad: None, or int32 [B] on q's device (cache_seqlens, cache_leftpad): row b reads
+    k[b, :, leftpad[b]:seqlens[b]] and its queries sit at seqlens[b] - Nq + i; a query before
+    leftpad[b] outputs 0. cu_seqlens_q, cu_seqlens_k: None, or [S + 1] ints on q's device (packed
+    sequences, B = 1; see :func:`packed_positions`).
 
     both=False: ``gate`` must be 0/1; each token runs its selected branch (S = 1).
     both=True: every token runs both branches, mixed by ``gate``; with ``store_branches``
     the All and Here outputs and lse2 (S = 2) are kept for the backward, else lse2 and
     branches are empty.
     """
-    _check(q, k, v, gate, seqlens)
+    rag = ragged(q, seqlens, leftpad, cu_seqlens_q, cu_seqlens_k)
+    _check(q, k, v, gate, rag)
     dtype = q.dtype
     q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
     bsz, hq, nq, d = q.shape
@@ -146,7 +191,7 @@ def forward(q, k, v, gate, window: int, scale: float, both: bool, store_branches
         out,
         lse if lse.numel() else none_i32,
         branches if branches.numel() else out,
-        none_i32 if seqlens is None else seqlens,  # unread unless VARLEN
+        *rag.pointers(none_i32),
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -166,7 +211,7 @@ def forward(q, k, v, gate, window: int, scale: float, both: bool, store_branches
         HEAD_DIM=d,
         BOTH=both,
         STORE_BRANCHES=both and store_branches,
-        VARLEN=seqlens is not None,
+        **rag.switches(),
         BLOCK_M=t.m,
         BLOCK_N=t.n,
         BLOCK_D=_block_d(d),
@@ -178,13 +223,16 @@ def forward(q, k, v, gate, window: int, scale: float, both: bool, store_branches
 
 
 def backward(
-    dout, q, k, v, gate, out, lse, branches, window: int, scale: float, both: bool, deterministic: bool, seqlens=None
+    dout, q, k, v, gate, out, lse, branches, window: int, scale: float, both: bool, deterministic: bool, seqlens=None,
+    leftpad=None, cu_seqlens_q=None, cu_seqlens_k=None,
 ):
     """Gradients of AHA given what :func:`forward` kept. Returns dq, dk, dv and dgate
     ([B, Hq, Nq] float32 when ``both``, else empty). deterministic=False accumulates dq
     with float32 atomics inside the dk/dv pass instead of running a dq pass.
-    seqlens as in :func:`forward`; dk and dv are 0 past each sequence's length."""
-    _check(q, k, v, gate, seqlens)
+    Ragged arguments as in :func:`forward`; keys no query reads (outside [leftpad[b], seqlens[b]),
+    sequences without queries) get dk = dv = 0, queries that read no key dq = dgate = 0."""
+    rag = ragged(q, seqlens, leftpad, cu_seqlens_q, cu_seqlens_k)
+    _check(q, k, v, gate, rag)
     dtype = q.dtype
     q, k, v, dout = _kernel_input(q), _kernel_input(k), _kernel_input(v), _kernel_input(dout).contiguous()
     bsz, hq, nq, d = q.shape
@@ -210,10 +258,12 @@ def backward(
         BLOCK_D=block_d,
     )
     t_kv = _tiles("dkdv", block_d)
-    order, n_all, ranges = none_i32, none_i32, none_i32
-    if not both:
-        order, n_all = route_order(hard_is_all(gate), hkv)
-        ranges = dkdv_ranges(order, n_all, nq, nk, g, window, t_kv.m, t_kv.n, seqlens)
+    routed = None if both else route_order(hard_is_all(gate), hkv)
+    order, n_all = routed or (none_i32, none_i32)
+    ranges = none_i32
+    if not both or rag.qpos is not None:  # BOTH without packed sequences finds its query blocks in the kernel
+        pos, start = query_bounds(bsz, hkv, nq, nk, dev, rag.seqlens, rag.leftpad, rag.qpos, rag.qstart)
+        ranges = dkdv_ranges(routed, pos, start, nk, g, window, t_kv.m, t_kv.n)
     dk = torch.empty((bsz, hkv, nk, d), dtype=dtype, device=dev)
     dv = torch.empty((bsz, hkv, nk, d), dtype=dtype, device=dev)
     dq = (
@@ -233,7 +283,6 @@ def backward(
         v.stride(2),
     )
     common = (hkv, nq, nk, window, tokens, scale, scale * LOG2E)
-    lens = none_i32 if seqlens is None else seqlens
     _aha_bwd_dkdv[(num_blocks(nk, t_kv.n), bsz * hkv)](
         q,
         k,
@@ -248,14 +297,14 @@ def backward(
         dk,
         dv,
         dq,
-        lens,
+        *rag.pointers(none_i32),
         *strides,
         *common,
         G=g,
         HEAD_DIM=d,
         BOTH=both,
         FUSE_DQ=not deterministic,
-        VARLEN=seqlens is not None,
+        **rag.switches(),
         BLOCK_M=t_kv.m,
         BLOCK_N=t_kv.n,
         BLOCK_D=block_d,
@@ -276,13 +325,13 @@ def backward(
             order,
             n_all,
             dq,
-            lens,
+            *rag.pointers(none_i32),
             *strides,
             *common,
             G=g,
             HEAD_DIM=d,
             BOTH=both,
-            VARLEN=seqlens is not None,
+            **rag.switches(),
             BLOCK_M=t_q.m,
             BLOCK_N=t_q.n,
             BLOCK_D=block_d,

@@ -26,10 +26,11 @@ def _available() -> str | None:
     )
 
 
-def forward(q, k, v, gate, *, window, scale=None, cache_seqlens=None):
+def forward(q, k, v, gate, *, window, scale=None, cache_seqlens=None, **ragged):
+    """``ragged``: cache_leftpad, or cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k (see aha.sequences)."""
     from aha_triton.ops import attention
 
-    return attention(q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens)
+    return attention(q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens, **ragged)
 
 
 @aha.hookimpl
@@ -44,6 +45,8 @@ def register_backends(register):
                 dtypes=("float32", "float16", "bfloat16"),
                 head_dims=(16, 256),
                 seqlens=True,
+                leftpad=True,
+                packed=True,
                 deterministic=False,  # dq by float32 atomics unless torch.use_deterministic_algorithms(True)
             ),
             # Under the interpreter (tests) the kernels are far slower than the torch backend: serve
