@@ -157,15 +157,15 @@ def test_decode_with_leftpad_is_one_batched_call(monkeypatch, backend, nq, seqle
     for b, (s, e) in enumerate(zip(lp.tolist(), ends)):
         k[b, :, :s], v[b, :, :s], k[b, :, e:], v[b, :, e:] = float("nan"), float("inf"), float("nan"), float("nan")
     calls, reads = [], []
-    real_here, real_sdpa = decode.here_windows, decode.F.scaled_dot_product_attention
+    real_here, real_rows = decode.here_windows, decode.attend_rows
     monkeypatch.setattr(decode, "here_windows", lambda *a: calls.append(a[0].shape[0]) or real_here(*a))
 
-    def spy(qs, ks, vs, **kw):  # All groups: views of the cache, never a copy
+    def spy(qs, ks, *a):  # All groups: views of the cache, never a copy
         assert ks.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
-        reads.append(ks.shape[2])
-        return real_sdpa(qs, ks, vs, **kw)
+        reads.append(ks.shape[0])
+        return real_rows(qs, ks, *a)
 
-    monkeypatch.setattr(decode.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(decode, "attend_rows", spy)
     ragged = {"cache_leftpad": lp} | ({} if lens is None else {"cache_seqlens": lens})
     out = aha.attention(q, k, v, g, window=6, backend=backend, **ragged)
     ref_kw = {name: x.numpy() for name, x in ragged.items()}

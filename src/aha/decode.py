@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from aha.torch_ops import all_attention, all_mask, is_hard_gate, pad_token_rows, window_key_positions
+from aha.window import position_offset
 
-__all__ = ["MAX_QUERIES", "handles", "routed_decode", "here_windows", "all_groups"]
+__all__ = ["MAX_QUERIES", "handles", "routed_decode", "here_windows", "all_groups", "attend_rows"]
 
 # Largest Nq the routed decode serves. Above it the tiled kernels win: every Here query
 # gathers its own window (Nq * window keys per kv head instead of Nq + window), and the
@@ -143,10 +144,10 @@ def all_groups(q, k, v, is_all, lens, scale: float, starts=None) -> list:
     """All attention of the tokens in is_all [B, Hq, Nq]: one job per group that holds one.
 
     The All tokens of the G query heads sharing a kv head are compacted into one group of
-    rows; each group is one SDPA call against the view ``k[b, h, s_b:L_b]`` (lens: [B]; starts:
-    [B] or None, s_b = 0), with no mask when Nq == 1 (every query sits at L_b - 1). A job returns
-    ((b, query heads, positions), rows [n, D]): where its n rows go in a [B, Hq, Nq, D] output.
-    Every token in is_all must sit at or after its row's start.
+    rows; each group reads the view ``k[b, h, s_b:L_b]`` (lens: [B]; starts: [B] or None,
+    s_b = 0) through `attend_rows`, with no mask when Nq == 1 (every query sits at L_b - 1). A
+    job returns ((b, query heads, positions), rows [n, D]): where its n rows go in a
+    [B, Hq, Nq, D] output. Every token in is_all must sit at or after its row's start.
     """
     bsz, hq, nq, d = q.shape
     hkv = k.shape[1]
@@ -160,9 +161,39 @@ def all_groups(q, k, v, is_all, lens, scale: float, starts=None) -> list:
     def group(b: int, h: int):
         rows = idx[b, h, : n_of[b][h]]  # (n,)
         lo, hi = start_of[b], len_of[b]
-        mask = None if nq == 1 else all_mask(nq, hi - lo, q.device)[rows % nq]  # (n, L_b - s_b): up to L_b - Nq + i
-        kr, vr = k[b, h, lo:hi][None, None], v[b, h, lo:hi][None, None]  # (1, 1, L_b - s_b, D), views
-        o = F.scaled_dot_product_attention(qf[b, h, rows][None, None], kr, vr, attn_mask=mask, scale=scale)
-        return (b, h * g + rows // nq, rows % nq), o[0, 0]  # (n, D)
+        i = None if nq == 1 else rows % nq  # query index of each row: reads keys up to L_b - Nq + i
+        o = attend_rows(qf[b, h, rows], k[b, h, lo:hi], v[b, h, lo:hi], nq, i, scale)  # keys: views
+        return (b, h * g + rows // nq, rows % nq), o  # (n, D)
 
     return [lambda b=b, h=h: group(b, h) for b, h in count.nonzero().tolist()]
+
+
+def attend_rows(q, k, v, nq: int, i, scale: float) -> torch.Tensor:
+    """All attention of rows q [n, D] over keys k, v [L, D] (views of a cache), row r being
+    query i[r] of Nq aligned bottom-right (i: [n], or None: every row reads every key).
+    -> [n, D] in q's dtype.
+
+    In float32 / float64 it is two matrix products around a softmax: BLAS (or cuBLAS) spreads
+    the L keys over every thread, as flash-decoding splits them, where SDPA on one kv head runs
+    on one thread (one block); the [n, L] scores are small, n being a few rows. A key past a
+    row's position never reaches it, even a NaN (0 * NaN is NaN, so those values are selected
+    away, not multiplied by 0). Other dtypes go through SDPA, whose scores stay in float32; there
+    a NaN value among the last Nq - 1 keys reaches the rows that mask it too.
+    """
+    nk = k.shape[0]
+    mask = None if i is None else all_mask(nq, nk, q.device)[i]  # (n, L)
+    if q.dtype not in (torch.float32, torch.float64):
+        return F.scaled_dot_product_attention(q[None, None], k[None, None], v[None, None], attn_mask=mask, scale=scale)[
+            0, 0
+        ]
+    scores = torch.mm(q, k.T).mul_(scale)  # (n, L)
+    if mask is None:
+        return torch.mm(torch.softmax(scores, -1), v)
+    head = max(0, position_offset(nq, nk) + int(i.min()) + 1)  # keys [0, head) are read by every row
+    read = mask[:, head:]  # (n, L - head): at most the last Nq - 1 keys
+    scores[:, head:].masked_fill_(~read, float("-inf"))
+    p = torch.softmax(scores, -1)
+    out = torch.mm(p[:, :head], v[:head])
+    if head < nk:  # each row's own tail, its unread values selected away
+        out += torch.einsum("nt,ntd->nd", p[:, head:], torch.where(read[..., None], v[head:], 0.0))
+    return out
