@@ -194,15 +194,16 @@ def test_decode_leftpad_every_gate_all_and_bfloat16(backend):
 
 _MEMORY_PROBE = r"""
 import resource, sys, torch, aha
+backend = sys.argv[1]
 torch.manual_seed(0)
 n, d, parts = 1 << 15, 8, [1 << 14, 9000, 7384]  # 32k packed tokens, the longest sequence 16k
 cu = torch.tensor([0, parts[0], parts[0] + parts[1], n], dtype=torch.int32)
 q, k, v = (torch.randn(1, 2, n, d) for _ in range(3))
 gate = torch.rand(1, 2, n) < 0.07
 small = slice(0, 2048)
-aha.attention(q[:, :, small], k[:, :, small], v[:, :, small], gate[:, :, small], window=64, backend="cpu")  # warm-up
+aha.attention(q[:, :, small], k[:, :, small], v[:, :, small], gate[:, :, small], window=64, backend=backend)  # warm-up
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-out = aha.attention(q, k, v, gate, window=64, backend="cpu", cu_seqlens_q=cu, cu_seqlens_k=cu)
+out = aha.attention(q, k, v, gate, window=64, backend=backend, cu_seqlens_q=cu, cu_seqlens_k=cu)
 grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
 assert torch.isfinite(out).all()
 print(grown * 1024 if sys.platform != "darwin" else grown)
@@ -210,12 +211,15 @@ print(grown * 1024 if sys.platform != "darwin" else grown)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="peak memory through resource.getrusage")
-def test_packed_32k_tokens_builds_no_pair_sized_tensor():
-    """32k packed tokens (longest sequence 16k, cpu backend, no grad): the peak memory grows far less
-    than one [16k, 16k] bool mask (256 MiB), let alone an [N, N] one (1 GiB). Run in a fresh process
-    so that the peak is this call's."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_32k_tokens_builds_no_pair_sized_tensor(backend):
+    """32k packed tokens (longest sequence 16k, no grad): the peak memory grows far less than one
+    [16k, 16k] bool mask (256 MiB), let alone an [N, N] one (1 GiB); what remains are buffers of
+    bounded size (about 10 MiB on cpu, 60 MiB on torch, whose masks come in chunks of a fixed
+    number of elements). Run in a fresh process so that the peak is this call's."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    res = subprocess.run([sys.executable, "-c", _MEMORY_PROBE], capture_output=True, text=True, env=env, timeout=300)
+    cmd = [sys.executable, "-c", _MEMORY_PROBE, backend]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     grown = int(res.stdout.split()[-1])
-    assert grown < 96 << 20, f"peak memory grew by {grown / 2**20:.0f} MiB"
+    assert grown < 128 << 20, f"peak memory grew by {grown / 2**20:.0f} MiB"

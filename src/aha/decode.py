@@ -186,7 +186,7 @@ def attend_rows(q, k, v, nq: int, i, scale: float) -> torch.Tensor:
         return F.scaled_dot_product_attention(q[None, None], k[None, None], v[None, None], attn_mask=mask, scale=scale)[
             0, 0
         ]
-    scores = torch.mm(q, k.T).mul_(scale)  # (n, L)
+    scores = torch.mm(q * scale, k.T)  # (n, L); scaling q is cheaper than scaling the scores
     if mask is None:
         return torch.mm(torch.softmax(scores, -1), v)
     head = max(0, position_offset(nq, nk) + int(i.min()) + 1)  # keys [0, head) are read by every row
