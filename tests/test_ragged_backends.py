@@ -90,6 +90,17 @@ def test_packed_matches_reference(backend, gate, layout, heads):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gate", ["hard", "soft"])
+def test_packed_bfloat16(backend, gate):
+    cq, ck = (torch.tensor(c) for c in PACKED["cross"])
+    q, k, v, g = (x.bfloat16() for x in _tensors(1, 4, 2, 17, 27, 16, gate, seed=7, grad=False))
+    out = aha.attention(q, k, v, g, window=3, backend=backend, cu_seqlens_q=cq, cu_seqlens_k=ck)
+    want = reference.attention(*(_np(x) for x in (q, k, v, g)), 3, cu_seqlens_q=cq.numpy(), cu_seqlens_k=ck.numpy())
+    assert out.dtype == torch.bfloat16
+    np.testing.assert_allclose(_np(out), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gate", ["hard", "soft_grad"])
 def test_packed_equals_each_sequence_alone_and_ignores_poison_elsewhere(backend, gate):
     """NaN / inf in one sequence's keys (and in a 0-query sequence's keys) reach no other sequence;
