@@ -47,9 +47,12 @@ def main():
     ap.add_argument("--share", type=float, default=0.07)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--min", action="store_true", help="the fastest repeat instead of the median (a loaded machine)")
     ap.add_argument("--backends", nargs="+", default=["cpu", "torch"])
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     b, n, hq, hkv, d, w = args.batch, args.cache, args.hq, args.hkv, args.d, args.window
     gen = torch.Generator().manual_seed(args.seed)
     lens = torch.randint(args.shortest, n + 1, (b,), generator=gen)

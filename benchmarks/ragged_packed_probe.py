@@ -40,10 +40,13 @@ def main():
     ap.add_argument("--share", type=float, default=0.07)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--min", action="store_true", help="the fastest repeat instead of the median (a loaded machine)")
     ap.add_argument("--backends", nargs="+", default=["cpu"])
     ap.add_argument("--dense", action="store_true", help="also time dense SDPA (slow)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     lens = lengths(args.docs, 512, 8192, args.total, gen)
     n, hq, hkv, d, w = sum(lens), args.hq, args.hkv, args.d, args.window

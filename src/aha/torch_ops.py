@@ -117,13 +117,14 @@ def each_sequence(
     A padding query (in no sequence) outputs 0 and gets no gradient, and so does a key no
     sequence reads; nothing of one sequence reaches another.
     """
-    bsz, hq, nq, d = q.shape
-    nk = k.shape[2]
+    bsz, nq, nk = q.shape[0], q.shape[2], k.shape[2]
     segs = segments(
         bsz, nq, nk, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
     )  # fmt: skip
-    by_row = [[s for s in segs if s.batch == b] for b in range(bsz)]
+    by_row = [[] for _ in range(bsz)]
+    for sg in segs:
+        by_row[sg.batch].append(sg)
     rows = zip(*(x.split(1) if bsz > 1 else (x,) for x in (q, k, v, gate)))  # per row [1, H, N, ...] views
     out = []
     for row, (qb, kb, vb, gb) in zip(by_row, rows):
@@ -131,7 +132,7 @@ def each_sequence(
         cut_q, cut_g = _cut(qb, q_spans, nq), _cut(gb, q_spans, nq)
         cut_k, cut_v = _cut(kb, k_spans, nk), _cut(vb, k_spans, nk)
         parts = [fn(*xs, **kw) for xs in zip(cut_q, cut_k, cut_v, cut_g)]
-        out.append(_assemble(parts, q_spans, nq, qb.new_zeros(1, hq, 0, d)))
+        out.append(_assemble(parts, q_spans, qb))
     return out[0] if bsz == 1 else torch.cat(out)
 
 
@@ -150,18 +151,15 @@ def _cut(x: torch.Tensor, spans: list[tuple[int, int]], length: int) -> list[tor
     return [pieces[i] for i in at]
 
 
-def _assemble(
-    parts: list[torch.Tensor], spans: list[tuple[int, int]], length: int, empty: torch.Tensor
-) -> torch.Tensor:
-    """The parts [1, H, hi - lo, D] at their spans of axis 2, zeros between them: [1, H, length, D]."""
+def _assemble(parts: list[torch.Tensor], spans: list[tuple[int, int]], q: torch.Tensor) -> torch.Tensor:
+    """The parts [1, H, hi - lo, D] at their spans of axis 2, zeros between them: q's shape [1, H, N, D]."""
     pieces, end = [], 0
-    for part, (lo, hi) in zip(parts, spans):
+    for part, (lo, hi) in [*zip(parts, spans), (None, (q.shape[2], q.shape[2]))]:
         if lo > end:
-            pieces.append(empty.new_zeros(*empty.shape[:2], lo - end, empty.shape[3]))
-        pieces.append(part)
+            pieces.append(q.new_zeros(1, q.shape[1], lo - end, q.shape[3]))
+        if part is not None:
+            pieces.append(part)
         end = hi
-    if length > end:
-        pieces.append(empty.new_zeros(*empty.shape[:2], length - end, empty.shape[3]))
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 2)
 
 
