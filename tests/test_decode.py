@@ -70,7 +70,9 @@ def test_windows_up_to_and_past_the_cache(backend, window):
     q, k, v, g = _problem(2, 4, 1, 3, 40, seed=window)
     for lens in (None, torch.tensor([40, 5])):
         out = aha.attention(q, k, v, g, window=window, cache_seqlens=lens, backend=backend)
-        want = reference.attention(_np(q), _np(k), _np(v), _np(g), window, cache_seqlens=None if lens is None else lens.tolist())
+        want = reference.attention(
+            _np(q), _np(k), _np(v), _np(g), window, cache_seqlens=None if lens is None else lens.tolist()
+        )
         np.testing.assert_allclose(_np(out), want, atol=2e-6, rtol=1e-5)
 
 
@@ -124,15 +126,15 @@ def test_all_reads_views_of_the_cache(monkeypatch):
     g[1, 3, 0] = g[0, 0, 0] = g[0, 1, 0] = True  # groups (1, 1) and (0, 0)
     lens = torch.tensor([1 << 16, 1000])
     seen = []
-    real = torch.nn.functional.scaled_dot_product_attention
+    real = decode.attend_rows
 
-    def spy(qs, ks, vs, **kw):
+    def spy(qs, ks, vs, nq, i, scale):
         assert ks.data_ptr() >= k.data_ptr() and ks.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
         assert vs.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
-        seen.append((qs.shape[2], ks.shape[2], kw.get("attn_mask")))
-        return real(qs, ks, vs, **kw)
+        seen.append((qs.shape[0], ks.shape[0], i))
+        return real(qs, ks, vs, nq, i, scale)
 
-    monkeypatch.setattr(decode.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(decode, "attend_rows", spy)
     out = aha.attention(q, k, v, g, window=16, cache_seqlens=lens, backend="cpu")
     assert sorted(seen, key=lambda s: s[1]) == [(1, 1000, None), (2, 1 << 16, None)]  # Nq = 1: no mask
     want = reference.attention(_np(q), _np(k), _np(v), _np(g), 16, cache_seqlens=lens.tolist())
@@ -192,4 +194,17 @@ def test_every_gate_all_is_one_causal_call(monkeypatch, backend, nq):
     out = aha.attention(q, k, v, g, window=4, backend=backend)
     want = reference.attention(_np(q), _np(k), _np(v), _np(g), 4)
     assert out.dtype == q.dtype
+    np.testing.assert_allclose(_np(out), want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_of_a_chunk_never_read_later_keys(backend):
+    """Nq = 3, every head All: a NaN in the last key reaches only the last query of each row."""
+    q, k, v, g = _problem(2, 4, 2, 3, 20, gate="all", seed=11)
+    lens = torch.tensor([20, 14])
+    k, v = _poison_past(k, v, lens)
+    k[0, :, 19], v[1, :, 13] = float("nan"), float("nan")
+    out = aha.attention(q, k, v, g, window=4, cache_seqlens=lens, backend=backend)
+    want = reference.attention(_np(q), _np(k), _np(v), _np(g), 4, cache_seqlens=lens.tolist())
+    assert torch.isfinite(out[:, :, :2]).all() and torch.isnan(out[:, :, 2]).all()
     np.testing.assert_allclose(_np(out), want, atol=2e-6, rtol=1e-5)

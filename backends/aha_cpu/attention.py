@@ -13,10 +13,14 @@ Two paths share one entry point:
   whose gradient is zero (dAll = gate * dout, dHere = (1 - gate) * dout).
 
 A decode step or short chunk (at most :data:`aha.decode.MAX_QUERIES` queries, a hard gate,
-no grad) goes to :func:`aha.decode.routed_decode` instead, with ``cache_seqlens`` if given:
+no grad) goes to :func:`aha.decode.routed_decode` instead, with ``cache_seqlens`` and
+``cache_leftpad`` if given:
 each Here token over its gathered window, each (batch, kv head) holding an All token over
 a view of its cache; the cache is never copied or converted. Its jobs (Here, and each All
 group) run on the worker pool of :mod:`aha_cpu.threads`, one intra-op thread each.
+Other ragged batches (packed sequences; cache_seqlens or cache_leftpad with a soft gate, grad
+or more queries) run one sequence at a time on views of its own slices
+(:func:`aha.torch_ops.each_sequence`).
 
 Everything else runs in float32; the output has q's dtype. Keys or values that are
 not finite reach only the rows that read them (see :mod:`aha_cpu.finite`).
@@ -36,17 +40,26 @@ from aha_cpu.threads import run_jobs
 DENSE_SHARE = 0.6  # routed: above this share of All tokens, All runs for every query at once
 
 
-def attention(q, k, v, gate, *, window, scale=None, cache_seqlens=None):
+def attention(q, k, v, gate, *, window, scale=None, cache_seqlens=None, cache_leftpad=None, **packed):
     """q: [B, Hq, Nq, D], k, v: [B, Hkv, Nk, D], gate: [B, Hq, Nq] -> [B, Hq, Nq, D].
 
-    cache_seqlens [B]: sequence b reads k[b, :, :cache_seqlens[b]] only. Decoding (see
-    :func:`aha.decode.handles`) serves the whole batch at once; otherwise (a soft gate, grad,
-    more queries) there is one call per sequence.
+    Ragged batches (see :mod:`aha.sequences`): cache_seqlens [B], cache_leftpad [B]: sequence b
+    reads k[b, :, cache_leftpad[b]:cache_seqlens[b]] only; packed sequences ``cu_seqlens_q``,
+    ``cu_seqlens_k`` [S + 1] (B = 1). Decoding a padded batch (see :func:`aha.decode.handles`)
+    serves it at once; otherwise (packed, a soft gate, grad, more queries) there is one call per
+    sequence.
     """
-    if handles(q, k, v, gate):
-        return routed_decode(q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens, run=_in_pool)
-    if cache_seqlens is not None:
-        return each_sequence(attention, q, k, v, gate, cache_seqlens, window=window, scale=scale)
+    ragged = cache_seqlens is not None or cache_leftpad is not None
+    if not packed and handles(q, k, v, gate):
+        return routed_decode(
+            q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
+            run=_in_pool,
+        )  # fmt: skip
+    if ragged or packed:
+        return each_sequence(
+            attention, q, k, v, gate, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad, **packed,
+            window=window, scale=scale,
+        )  # fmt: skip
     dtype = q.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = q.float(), k.float(), v.float()

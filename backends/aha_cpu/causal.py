@@ -109,7 +109,12 @@ class _Units:
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """Rows of x [B, Hq, Nq, ...] -> [B, Hkv, n, ...]."""
-        rows = x.reshape(-1, *x.shape[3:]).index_select(0, self.flat.flatten())  # (B * Hkv * n, ...)
+        flat = self.flat.flatten()
+        if x.is_contiguous():
+            rows = x.reshape(-1, *x.shape[3:]).index_select(0, flat)  # (B * Hkv * n, ...)
+        else:  # a view (one sequence of a packed batch): gather its rows, never copy all of x
+            hq, nq = x.shape[1], x.shape[2]
+            rows = x[flat // (hq * nq), flat // nq % hq, flat % nq]
         return rows.view(*self.flat.shape, *x.shape[3:])
 
     def scatter(self, rows: torch.Tensor, into: torch.Tensor) -> torch.Tensor:

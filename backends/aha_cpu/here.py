@@ -200,7 +200,9 @@ class _KeyBands:
 
     def __init__(self, x: torch.Tensor, bands: HereBands):
         self.bands = bands
-        x = x.contiguous().flatten(0, 1)  # (BH, Nk, D)
+        if x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
+            x = x.contiguous()  # bands are strided views over whole rows of D
+        x = x.flatten(0, 1)  # (BH, Nk, D); a view for a slice of packed keys (B = 1)
         first = bands.edge_tiles
         last = bands.tiles - (1 if bands.pad_right else 0)
         if first >= last:  # few tiles: every band from one padded copy

@@ -16,10 +16,16 @@ def _available() -> str | None:
     return None
 
 
-def forward(q, k, v, gate, *, window, scale=None, cache_seqlens=None):
+def forward(
+    q, k, v, gate, *, window, scale=None, cache_seqlens=None, cache_leftpad=None, cu_seqlens_q=None,
+    cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+):  # fmt: skip
     from aha_cpu.attention import attention
 
-    return attention(q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens)
+    packed = {} if cu_seqlens_q is None else {"cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k}
+    return attention(
+        q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad, **packed
+    )
 
 
 @aha.hookimpl
@@ -29,7 +35,14 @@ def register_backends(register):
             name="cpu",
             forward=forward,
             capabilities=Capabilities(
-                arrays=("torch",), devices=("cpu",), dtypes=("float32", "bfloat16"), grad=True, cross=True, seqlens=True
+                arrays=("torch",),
+                devices=("cpu",),
+                dtypes=("float32", "bfloat16"),
+                grad=True,
+                cross=True,
+                seqlens=True,
+                leftpad=True,
+                packed=True,
             ),
             priority=50,
             available=_available,

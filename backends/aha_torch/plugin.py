@@ -14,12 +14,18 @@ def _available() -> str | None:
     return None
 
 
-def forward(q, k, v, gate, *, window, scale=None, cache_seqlens=None):
-    from aha_torch.sdpa import aha_sdpa, aha_sdpa_seqlens
+def forward(
+    q, k, v, gate, *, window, scale=None, cache_seqlens=None, cache_leftpad=None, cu_seqlens_q=None,
+    cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+):  # fmt: skip
+    from aha_torch.sdpa import aha_sdpa, aha_sdpa_ragged
 
-    if cache_seqlens is None:
+    packed = {} if cu_seqlens_q is None else {"cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k}
+    if cache_seqlens is None and cache_leftpad is None and not packed:
         return aha_sdpa(q, k, v, gate, window=window, scale=scale)
-    return aha_sdpa_seqlens(q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens)
+    return aha_sdpa_ragged(
+        q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad, **packed
+    )
 
 
 @aha.hookimpl
@@ -28,7 +34,7 @@ def register_backends(register):
         aha.Backend(
             name="torch",
             forward=forward,
-            capabilities=Capabilities(arrays=("torch",), devices=("*",), seqlens=True),
+            capabilities=Capabilities(arrays=("torch",), devices=("*",), seqlens=True, leftpad=True, packed=True),
             priority=10,
             available=_available,
             description="portable PyTorch SDPA; skips the unselected branch when the gate needs no grad",

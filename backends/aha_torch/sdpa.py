@@ -3,7 +3,8 @@
 Three paths share one entry point:
 
 * decode (at most :data:`aha.decode.MAX_QUERIES` queries, a hard gate, no grad):
-  :func:`aha.decode.routed_decode`, also for a batch with ``cache_seqlens``.
+  :func:`aha.decode.routed_decode`, also for a batch with ``cache_seqlens`` and
+  ``cache_leftpad``.
 * routed (a hard gate that needs no grad): All only for the tokens routed All,
   compacted per (batch, head), and the Here branch, whose cost is O(window) a
   token. The work follows the routing.
@@ -15,6 +16,10 @@ The Here branch runs over query blocks of ``c`` tokens, each against the slab of
 still enters p @ V as 0 * v, so when k or v holds a non-finite value the Here
 branch instead gathers each token's own window (exact, slower): a NaN outside a
 Here token's window never reaches it.
+
+Ragged batches that decoding does not serve (packed sequences; cache_seqlens or
+cache_leftpad with a soft gate, grad or more queries) run one sequence at a time on
+views of its own slices (:func:`aha.torch_ops.each_sequence`).
 """
 
 from __future__ import annotations
@@ -52,15 +57,21 @@ def aha_sdpa(q, k, v, gate, *, window, scale=None):
     return mix(gate, all_attention(q, k, v, scale), out_here)
 
 
-def aha_sdpa_seqlens(q, k, v, gate, *, window, scale=None, cache_seqlens):
-    """Sequences of different cache lengths: each attends to k[b, :, :cache_seqlens[b]] only.
+def aha_sdpa_ragged(q, k, v, gate, *, window, scale=None, cache_seqlens=None, cache_leftpad=None, **packed):
+    """A ragged batch (see :mod:`aha.sequences`): each sequence reads its own keys only.
 
-    Decoding (see :func:`aha.decode.handles`) serves the whole batch at once; otherwise (a soft
-    gate, grad, more queries) there is one call per sequence.
+    Decoding with cache_seqlens / cache_leftpad (see :func:`aha.decode.handles`) serves the whole
+    batch at once; otherwise (packed sequences ``cu_seqlens_q``, ``cu_seqlens_k``; a soft gate,
+    grad, more queries) there is one call per sequence.
     """
-    if handles(q, k, v, gate):
-        return routed_decode(q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens)
-    return each_sequence(aha_sdpa, q, k, v, gate, cache_seqlens, window=window, scale=scale)
+    if not packed and handles(q, k, v, gate):
+        return routed_decode(
+            q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad
+        )
+    return each_sequence(
+        aha_sdpa, q, k, v, gate, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad, **packed,
+        window=window, scale=scale,
+    )  # fmt: skip
 
 
 def _here(q, k, v, window, scale):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from aha.sequences import segments
 from aha.window import position_offset
 
 __all__ = [
@@ -104,17 +105,62 @@ def all_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-def each_sequence(fn, q, k, v, gate, cache_seqlens: torch.Tensor, **kw) -> torch.Tensor:
-    """``fn(q, k, v, gate, **kw)`` on each sequence b alone, its keys cut to ``cache_seqlens[b]``.
+def each_sequence(
+    fn, q, k, v, gate, *, cache_seqlens=None, cache_leftpad=None, cu_seqlens_q=None, cu_seqlens_k=None, **kw
+) -> torch.Tensor:
+    """``fn(q, k, v, gate, **kw)`` on each sequence of a ragged call alone. -> [B, Hq, Nq, D]
 
-    The general way to serve cache_seqlens with a kernel that takes one length: one call per
-    sequence. Returns the outputs concatenated, [B, Hq, Nq, D].
+    The general way to serve ragged batches with a kernel that takes one plain problem: the
+    sequences are the `aha.sequences.segments` of the ragged arguments (cache_seqlens,
+    cache_leftpad, or packed cu_seqlens_q / cu_seqlens_k), and each gets views of its own
+    queries, keys and gates (one ``split`` per tensor and row, whose backward is one ``cat``).
+    A padding query (in no sequence) outputs 0 and gets no gradient, and so does a key no
+    sequence reads; nothing of one sequence reaches another.
     """
-    parts = [
-        fn(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], gate[b : b + 1], **kw)
-        for b, n in enumerate(cache_seqlens.tolist())
-    ]
-    return torch.cat(parts)
+    bsz, nq, nk = q.shape[0], q.shape[2], k.shape[2]
+    segs = segments(
+        bsz, nq, nk, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
+    )  # fmt: skip
+    by_row = [[] for _ in range(bsz)]
+    for sg in segs:
+        by_row[sg.batch].append(sg)
+    rows = zip(*(x.split(1) if bsz > 1 else (x,) for x in (q, k, v, gate)))  # per row [1, H, N, ...] views
+    out = []
+    for row, (qb, kb, vb, gb) in zip(by_row, rows):
+        q_spans, k_spans = [(s.q_lo, s.q_hi) for s in row], [(s.k_lo, s.k_hi) for s in row]
+        cut_q, cut_g = _cut(qb, q_spans, nq), _cut(gb, q_spans, nq)
+        cut_k, cut_v = _cut(kb, k_spans, nk), _cut(vb, k_spans, nk)
+        parts = [fn(*xs, **kw) for xs in zip(cut_q, cut_k, cut_v, cut_g)]
+        out.append(_assemble(parts, q_spans, qb))
+    return out[0] if bsz == 1 else torch.cat(out)
+
+
+def _cut(x: torch.Tensor, spans: list[tuple[int, int]], length: int) -> list[torch.Tensor]:
+    """Views x[:, :, lo:hi] for the ascending, disjoint spans, from one split of axis 2 (of ``length``)."""
+    sizes, at, end = [], [], 0
+    for lo, hi in spans:
+        if lo > end:
+            sizes.append(lo - end)
+        at.append(len(sizes))
+        sizes.append(hi - lo)
+        end = hi
+    if length > end:
+        sizes.append(length - end)
+    pieces = x.split(sizes, 2)
+    return [pieces[i] for i in at]
+
+
+def _assemble(parts: list[torch.Tensor], spans: list[tuple[int, int]], q: torch.Tensor) -> torch.Tensor:
+    """The parts [1, H, hi - lo, D] at their spans of axis 2, zeros between them: q's shape [1, H, N, D]."""
+    pieces, end = [], 0
+    for part, (lo, hi) in [*zip(parts, spans), (None, (q.shape[2], q.shape[2]))]:
+        if lo > end:
+            pieces.append(q.new_zeros(1, q.shape[1], lo - end, q.shape[3]))
+        if part is not None:
+            pieces.append(part)
+        end = hi
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 2)
 
 
 def here_mask(nq: int, nk: int, window: int, device=None) -> torch.Tensor:
@@ -124,13 +170,17 @@ def here_mask(nq: int, nk: int, window: int, device=None) -> torch.Tensor:
     return (j <= pos[:, None]) & (j > pos[:, None] - window)
 
 
-def window_key_positions(pos: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+def window_key_positions(
+    pos: torch.Tensor, window: int, start: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Key positions of each Here window, oldest first, and which of them exist.
 
-    pos: [M] -> positions [M, window] clamped to >= 0, valid [M, window] bool.
+    pos: [M] -> positions [M, window] clamped to >= 0, valid [M, window] bool. start: [M] or
+    None (0), the first key of each query's sequence (a left-padded row's ``cache_leftpad``):
+    slots before it are not valid.
     """
     kpos = pos[:, None] - (window - 1) + torch.arange(window, device=pos.device)
-    return kpos.clamp_min(0), kpos >= 0
+    return kpos.clamp_min(0), kpos >= (0 if start is None else start[:, None])
 
 
 def tokens_where(selected: torch.Tensor) -> tuple[torch.Tensor, ...]:
