@@ -60,6 +60,7 @@ def bench(session):
     session.install("matplotlib")
     session.run("python", "benchmarks/cpu.py", *session.posargs)
     session.run("python", "benchmarks/decode.py", *session.posargs)
+    session.run("python", "benchmarks/ragged.py", *session.posargs)
 
 
 @nox.session(python=PY)

@@ -22,7 +22,7 @@ reads. Goal: at least 0.8 of it.
 Part 3, transformers: a small random FAOlmo generates greedily for 4 prompts of different
 lengths, batched with left padding, against the same prompts one at a time; tokens per second.
 
-    python benchmarks/ragged.py [--quick] [--only packed decode generate] [--out JSON]
+    python benchmarks/ragged.py [--quick] [--threads N] [--only packed decode generate] [--out JSON]
     python benchmarks/ragged.py --docs      # re-render docs/benchmarks-ragged.md from the JSON
 """
 
@@ -273,6 +273,14 @@ def bench_generate(cfg) -> dict:
 # ---------------------------------------------------------------- page
 
 
+def _run_line(results: dict, part: str) -> list[str]:
+    r = results.get("runs", {}).get(part)
+    if r is None:
+        return []
+    return ["", f"Measured with `{r['command']}` at commit {r['commit']} on {r['date']}, {threads(r['threads'])}, "
+                f"load average {r['load'][0]:.1f} before and {r['load_after'][0]:.1f} after.", ""]
+
+
 def goals(results: dict) -> list:
     out = []
     for row in results.get("packed", []):
@@ -295,16 +303,11 @@ def render(results: dict) -> str:
     lines = [
         "# Ragged batches",
         "",
-        f"Measured on {mc['cpu']} ({mc['cores']} cores, {threads(mc['torch_threads'])}), torch {mc['torch']}, "
-        f"at commit {results['commit']} on {results['date']} (load average {results['load'][0]:.1f} before, "
-        f"{results['load_after'][0]:.1f} after), with",
-        "",
-        "```",
-        results["command"],
-        "```",
-        "",
-        "Every ratio compares two times measured side by side in that run (medians after a warm-up). "
-        "The bound is what the routing allows: the ratio of the work dense attention does to the work AHA does.",
+        f"Measured on {mc['cpu']} ({mc['cores']} cores), torch {mc['torch']}, Python {mc['python']}. Each part "
+        "below says the command that measured it, the commit, the torch threads and the load average before and "
+        "after (the machine is shared: at a load above its 2 cores, timings of multi-threaded code suffer most). "
+        "Every ratio compares two times measured side by side in that run (medians after a warm-up). The bound is "
+        "what the routing allows: the ratio of the work dense attention does to the work AHA does.",
         "",
         "## Goals",
         "",
@@ -318,7 +321,7 @@ def render(results: dict) -> str:
                   f"random, window {WINDOW}, D = {D}, float32, no grad. *Packed / alone*: the packed call's time over "
                   "the same documents run one call each through aha (goal <= 1.1x). *vs dense*: dense causal SDPA over the "
                   "same documents (the faster of one call per document and a masked padded batch) / the packed call: "
-                  "higher is faster. *Bound*: query-key pairs dense reads / pairs AHA reads.", "",
+                  "higher is faster. *Bound*: query-key pairs dense reads / pairs AHA reads.", *_run_line(results, "packed"),
                   "| lengths | Hq / Hkv | backend | packed (ms) | alone (ms) | packed / alone | dense (ms) | vs dense | bound | of bound |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for row in results["packed"]:
@@ -338,7 +341,7 @@ def render(results: dict) -> str:
                   "7% of the query heads All at random per sequence, float32. *cache_seqlens*: the sequences start at "
                   "row 0; *cache_leftpad*: they end at the last row (left padding). Dense: the faster of a masked padded "
                   "batch and one call per sequence. *Bound*: keys dense reads / keys AHA must read (a kv head reads its "
-                  "whole sequence when any of its query heads is All, `window` keys otherwise).", "",
+                  "whole sequence when any of its query heads is All, `window` keys otherwise).", *_run_line(results, "decode"),
                   "| layout | backend | time (ms) | dense (ms) | vs dense | bound | of bound |", "|---|---|---|---|---|---|---|"]
         for row in results["decode"]:
             for name, r in row["backends"].items():
@@ -350,7 +353,7 @@ def render(results: dict) -> str:
                   f"A small random FAOlmo (hidden 512, 4 layers, 8 heads, window {g['window']}, one head per layer "
                   f"forced All) generates {g['new_tokens']} tokens greedily for {len(g['prompts'])} prompts of "
                   f"{', '.join(map(str, g['prompts']))} tokens: one batched call with left padding against one call per "
-                  f"prompt. Same tokens as one at a time: {'yes' if g['same_tokens'] else '**no**'}.", "",
+                  f"prompt. Same tokens as one at a time: {'yes' if g['same_tokens'] else '**no**'}.", *_run_line(results, "generate"),
                   "| | tokens/s |", "|---|---|",
                   f"| batched | {g['batched_tokens_per_s']:.1f} |", f"| one at a time | {g['alone_tokens_per_s']:.1f} |",
                   "", f"Batched is {g['speedup']:.2f}x faster."]
@@ -361,6 +364,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, to check that the benchmark runs")
     ap.add_argument("--only", nargs="*", choices=["packed", "decode", "generate"], help="parts to run")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/ragged-cpu.json, or -quick)")
     ap.add_argument("--docs", action="store_true", help="only render docs/benchmarks-ragged.md from the JSON")
     args = ap.parse_args(argv)
@@ -369,15 +373,20 @@ def main(argv=None) -> None:
         DOC.write_text(render(json.loads(out.read_text())))
         return
     cfg = QUICK if args.quick else FULL
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = json.loads(out.read_text()) if args.only and out.exists() else {}
-    results.update({"command": COMMAND + (" --quick" if args.quick else "") + (f" --only {' '.join(args.only)}" if args.only else ""),
-                    "machine": machine(), "commit": _commit("benchmarks/ragged.py"), "date": time.strftime("%Y-%m-%d %H:%M"),
-                    "load": list(os.getloadavg())})
+    flags = (" --quick" if args.quick else "") + (f" --threads {args.threads}" if args.threads else "")
+    results["machine"] = machine()
+    runs = results.setdefault("runs", {})  # per part: the command, code, threads and load it ran with
     parts = {"packed": bench_packed, "decode": bench_decode, "generate": bench_generate}
     for name, fn in parts.items():
         if not args.only or name in args.only:
+            run = {"command": COMMAND + flags + (f" --only {' '.join(args.only)}" if args.only else ""),
+                   "commit": _commit("benchmarks/ragged.py"), "date": time.strftime("%Y-%m-%d %H:%M"),
+                   "threads": torch.get_num_threads(), "load": list(os.getloadavg())}
             results[name] = fn(cfg)
-    results["load_after"] = list(os.getloadavg())
+            runs[name] = {**run, "load_after": list(os.getloadavg())}
     results["goals"] = goals(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
