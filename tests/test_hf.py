@@ -452,3 +452,52 @@ def test_transformers_builds_no_attention_mask_for_the_routed_layers(monkeypatch
     x, mask = pad(seqs, "left")
     model(x, attention_mask=mask)  # padded
     model(torch.cat(seqs)[None], position_ids=torch.cat([torch.arange(len(s)) for s in seqs])[None])  # packed
+
+
+# --- transformers conventions: GenerationMixin, bare models, attn_implementation -------------------
+
+BARE = {"olmo2": aha.hf.FAOlmoModel, "llama": aha.hf.AHALlamaModel, "qwen2": aha.hf.AHAQwen2Model}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bare_models_load_with_automodel_and_the_lms_inherit_generation_mixin(tmp_path, family):
+    from transformers import AutoModel, GenerationMixin
+
+    model, x = routed(family), ids(length=12)
+    lm_class = type(model)
+    assert GenerationMixin in lm_class.__bases__ and lm_class.can_generate()
+    assert type(model.model) is BARE[family] and not BARE[family].can_generate()
+    model.save_pretrained(tmp_path)
+    bare = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(bare) is BARE[family]
+    with torch.no_grad():
+        torch.testing.assert_close(bare(x).last_hidden_state, model.model(x).last_hidden_state)
+        bare.save_pretrained(tmp_path / "bare")  # and the bare checkpoint loads into the LM's body
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "bare").eval()
+    for key, value in bare.state_dict().items():
+        assert torch.equal(again.model.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("requested", ["flash_attention_2", "flex_attention", "paged|eager", "kernels-community/x"])
+def test_an_attn_implementation_aha_cannot_honour_is_refused(tmp_path, requested):
+    faolmo(window=3).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"attn_implementation=.*'sdpa'.*'eager'"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=requested)
+    with pytest.raises(ValueError, match="not available"):
+        FAOlmoForCausalLM(FAOlmoConfig(local_window_size=3, attn_implementation=requested, **TINY))
+
+
+def test_eager_and_sdpa_are_honoured_and_can_be_switched(tmp_path):
+    model, x = faolmo(window=3), ids(length=12)
+    assert model.config._attn_implementation == "sdpa"
+    fast = model(x)
+    assert fast.attentions is None
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+    with torch.no_grad():
+        plain = model(x, output_attentions=True)
+    torch.testing.assert_close(plain.logits, fast.logits, atol=1e-5, rtol=1e-5)
+    assert len(plain.attentions) == TINY["num_hidden_layers"]
+    model.set_attn_implementation("sdpa")
+    model.save_pretrained(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").config._attn_implementation == "eager"
