@@ -17,8 +17,6 @@ registry picks; ``"eager"`` runs the plain path (`aha.nn.plain_attention`), whic
 attention weights. Any other value (flash-attention, flex-attention, hub kernels) is refused.
 """
 
-from __future__ import annotations
-
 import inspect
 
 import torch
@@ -26,6 +24,14 @@ from torch import nn
 
 from aha import masks
 from aha.nn import AHAAttention, cache_layout
+
+try:  # the annotation transformers' tests read to see that a forward takes output_attentions
+    from transformers.processing_utils import Unpack
+    from transformers.utils import TransformersKwargs
+
+    _Kwargs = Unpack[TransformersKwargs]
+except ImportError:  # pragma: no cover - older transformers
+    _Kwargs = object
 
 __all__ = [
     "HFAHAAttention",
@@ -158,8 +164,8 @@ def _refuse_attn_implementation(cls, requested) -> str:
     if isinstance(requested, str) and requested in ATTN_IMPLEMENTATIONS:
         return requested
     raise ValueError(
-        f"{cls.__name__}: attn_implementation={requested!r} is not available. AHA layers compute attention with "
-        "aha.attention: use 'sdpa' (the default: the fastest aha backend for the inputs, see aha.backends(); pick "
+        f'Specified `attn_implementation="{requested}"` is not supported by {cls.__name__}: AHA layers compute '
+        "attention with aha.attention; use 'sdpa' (the default: the fastest aha backend for the inputs, see aha.backends(); pick "
         "one with aha.nn.set_backend(model, name)) or 'eager' (a plain PyTorch path that also returns the "
         "attention weights). Flash-attention, flex-attention and hub kernels compute plain causal attention, "
         "not All-or-Here"
@@ -198,6 +204,25 @@ class _Routed:
             nn.init.zeros_(module.gate_bias)  # the one parameter transformers does not know
 
 
+def _cache_arg() -> str:
+    """The name transformers' bare models give their cache argument: ``cache`` (5.2x) or ``past_key_values``."""
+    from transformers import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+_CACHE_ARG = _cache_arg()
+
+
+def _renames_past_key_values(forward):
+    """transformers >= 5.2x renamed ``past_key_values`` to ``cache``: take the old name with its warning."""
+    if _CACHE_ARG != "cache":
+        return forward
+    from transformers.utils.deprecation import deprecate_kwarg
+
+    return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)  # as the base models' forward
+
+
 class RoutedModel(_Routed):
     """Mixin placed before a transformers bare model (``Olmo2Model``, ...): builds it, then routes its
     attention; its forward describes the batch once for every layer (`describe_batch`).
@@ -212,6 +237,7 @@ class RoutedModel(_Routed):
         route_attention(self, self.routed_family)
         self.post_init()  # initialises only the new modules: the others are marked initialised
 
+    @_renames_past_key_values
     def forward(
         self,
         input_ids=None,
@@ -220,7 +246,7 @@ class RoutedModel(_Routed):
         cache=None,
         inputs_embeds=None,
         use_cache=None,
-        **kwargs,
+        **kwargs: _Kwargs,
     ):
         x = input_ids if input_ids is not None else inputs_embeds
         if x is not None:
@@ -267,13 +293,3 @@ class RoutedCausalLM(_Routed):
             config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
             position_ids=position_ids, **kwargs,
         )  # fmt: skip
-
-
-def _cache_arg() -> str:
-    """The name transformers' bare models give their cache argument: ``cache`` (5.2x) or ``past_key_values``."""
-    from transformers import LlamaModel
-
-    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
-
-
-_CACHE_ARG = _cache_arg()
