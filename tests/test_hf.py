@@ -501,3 +501,75 @@ def test_eager_and_sdpa_are_honoured_and_can_be_switched(tmp_path):
     model.set_attn_implementation("sdpa")
     model.save_pretrained(tmp_path)
     assert AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").config._attn_implementation == "eager"
+
+
+# --- output_attentions: one map per layer, each row All's or Here's softmax as routed ----------------
+
+
+def record_gates(model) -> tuple[list, list]:
+    """Each layer's hard gate [B, Hq, N] of every forward, in order; and the handles to remove."""
+    seen = []
+    handles = [layer.self_attn.observe(lambda mod, logits, gate, offset: seen.append(gate.bool()))
+               for layer in model.model.layers]  # fmt: skip
+    return seen, handles
+
+
+def expected_support(gate, lp: int, offset: int, n: int, window: int) -> torch.Tensor:
+    """[Hq, N, offset + N]: the keys each query of a row left-padded by ``lp`` reads, as its gate chose."""
+    i = offset + torch.arange(n)[:, None]  # each query's key slot
+    j = torch.arange(offset + n)
+    causal = (j <= i) & (j >= lp)
+    here = causal & (j > i - window)
+    return torch.where(gate[..., None], causal, here)  # a padding query (i < lp) reads nothing
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_output_attentions_gives_each_query_alls_or_heres_softmax_as_routed(family, implementation):
+    model, seqs = routed(family, window=3), prompts([9, 4, 6])
+    x, mask = pad(seqs, "left")
+    model.set_attn_implementation(implementation)  # sdpa: the plain path runs when weights are asked for
+    gates, handles = record_gates(model)
+    with torch.no_grad():
+        out = model(x, attention_mask=mask, output_attentions=True, use_cache=True)
+        step = model(ids(3, 1), attention_mask=torch.cat([mask, mask.new_ones(3, 1)], 1), output_attentions=True,
+                     **next_step(model, out))  # fmt: skip
+    for h in handles:
+        h.remove()
+    assert len(out.attentions) == len(step.attentions) == TINY["num_hidden_layers"]
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, logits(model, x, attention_mask=mask), atol=1e-5, rtol=1e-5)
+    layers = len(model.model.layers)
+    for weights, gate, offset, n in [(out.attentions, gates[:layers], 0, 9), (step.attentions, gates[layers:], 9, 1)]:
+        for w, g in zip(weights, gate):
+            assert w.shape == (3, H, n, offset + n)
+            for b, s in enumerate(seqs):
+                lp = 9 - len(s)
+                support = expected_support(g[b], lp, offset, n, window=3)
+                assert torch.equal(w[b] > 0, support), f"row {b}"
+                torch.testing.assert_close(w[b].sum(-1), support.any(-1).float())  # 1, or 0 for a padding query
+    assert any(bool(g.any()) and not bool(g.all()) for g in gates)  # a real mix of All and Here rows
+
+
+def test_output_attentions_of_packed_sequences_stay_within_each_sequence():
+    model, seqs = routed("llama", window=2), prompts([4, 3, 5], seed=4)
+    model.set_attn_implementation("eager")
+    x = torch.cat(seqs)[None]
+    pos = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    with torch.no_grad():
+        w = model(x, position_ids=pos, output_attentions=True).attentions[0][0]  # (Hq, 12, 12)
+    doc = torch.repeat_interleave(torch.arange(3), torch.tensor([4, 3, 5]))
+    outside = doc[:, None] != doc[None, :]
+    assert bool((w[:, outside] == 0).all()) and bool((w.sum(-1) - 1).abs().max() < 1e-5)
+
+
+def test_assisted_decoding_returns_the_attentions_and_the_same_tokens():
+    model, assistant = faolmo(window=3, seed=0), faolmo(window=3, seed=1)
+    prompt = ids(batch=1, length=6, seed=2)
+    for m in (model, assistant):
+        m.set_attn_implementation("eager")
+    out = model.generate(prompt, assistant_model=assistant, max_new_tokens=6, do_sample=False,
+                         output_attentions=True, return_dict_in_generate=True)  # fmt: skip
+    assert torch.equal(out.sequences, model.generate(prompt, max_new_tokens=6, do_sample=False))
+    assert all(len(step) == TINY["num_hidden_layers"] for step in out.attentions)
+    assert out.attentions[0][0].shape == (1, H, 6, 6) and out.attentions[-1][0].shape[-1] == 11
