@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import types
 
 import pytest
@@ -573,3 +574,67 @@ def test_assisted_decoding_returns_the_attentions_and_the_same_tokens():
     assert torch.equal(out.sequences, model.generate(prompt, max_new_tokens=6, do_sample=False))
     assert all(len(step) == TINY["num_hidden_layers"] for step in out.attentions)
     assert out.attentions[0][0].shape == (1, H, 6, 6) and out.attentions[-1][0].shape[-1] == 11
+
+
+# --- 4-D masks: causal plus padding becomes the ragged arguments; any other is refused ---------------
+
+
+def transformers_4d_mask(model, x, mask, implementation: str, cache=None):
+    """The 4-D mask transformers' own Llama/OLMo-2 code builds from a 2-D padding mask."""
+    from transformers.masking_utils import create_causal_mask
+
+    config = type(model.config)(**{**model.config.to_dict(), "attn_implementation": implementation})
+    config._attn_implementation = implementation
+    embeds = torch.zeros(*x.shape, 1)
+    kw = {"cache": cache} if "cache" in inspect.signature(create_causal_mask).parameters else {"past_key_values": cache}
+    return create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=mask, allow_is_causal_skip=False,
+                              position_ids=torch.arange(x.shape[1])[None], **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])  # bool and additive float masks
+def test_a_4d_causal_plus_padding_mask_gives_the_logits_of_its_2d_mask(implementation):
+    model, seqs = routed("olmo2"), prompts([9, 4, 5])
+    x, mask = pad(seqs, "right")
+    x[2], mask[2] = x[2].roll(2), mask[2].roll(2)  # row 1 right padding, row 2 both sides
+    mask4 = transformers_4d_mask(model, x, mask, implementation)
+    assert mask4.shape == (3, 1, 9, 9) and (mask4.dtype == torch.bool) == (implementation == "sdpa")
+    with torch.no_grad():
+        got, want = model(x, attention_mask=mask4).logits, model(x, attention_mask=mask).logits
+    for i, (s, start) in enumerate(zip(seqs, [0, 0, 2])):
+        torch.testing.assert_close(got[i, start : start + len(s)], want[i, start : start + len(s)])
+    left, lmask = pad(seqs, "left")  # and a decode step over a left-padded cache, as generate() makes it
+    with torch.no_grad():
+        out = model(left, attention_mask=lmask, use_cache=True)
+        step_mask = torch.cat([lmask, lmask.new_ones(3, 1)], 1)
+        mask4 = transformers_4d_mask(model, left[:, :1], step_mask, implementation, cache=out.cache)
+        assert mask4.shape == (3, 1, 1, 10)
+        got = model(left[:, :1], attention_mask=mask4, **next_step(model, out)).logits
+    with torch.no_grad():
+        out = model(left, attention_mask=lmask, use_cache=True)
+        want = model(left[:, :1], attention_mask=step_mask, **next_step(model, out)).logits
+    torch.testing.assert_close(got, want)
+
+
+def _document_mask(lengths):
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    n = len(doc)
+    return ((doc[:, None] == doc[None, :]) & torch.ones(n, n, dtype=torch.bool).tril())[None, None]
+
+
+@pytest.mark.parametrize(
+    "name, mask, says",
+    [
+        ("bidirectional", torch.ones(1, 1, 8, 8, dtype=torch.bool), r"query 0 \(key slot 0\) reads key 1"),
+        ("packed documents", _document_mask([3, 5]), r"query 3 \(key slot 3\) does not read key 0"),
+        ("sliding window", torch.ones(8, 8, dtype=torch.bool).tril().triu(-2)[None, None], "does not read key 0"),
+        ("additive bias", torch.zeros(1, 1, 8, 8).masked_fill(torch.ones(8, 8).triu(1).bool(), -1e9) - 0.5, "bias"),
+        ("wrong shape", torch.ones(1, 1, 8, 7, dtype=torch.bool), r"\[1, 1, 8, 8\]"),
+    ],
+)
+def test_a_4d_mask_that_is_not_causal_plus_padding_is_refused_with_the_reason(name, mask, says):
+    model = faolmo(window=3)
+    with pytest.raises(ValueError, match="4-D") as err:
+        model(ids(batch=1, length=8), attention_mask=mask)
+    assert re.search(says, str(err.value)), str(err.value)
+    if name != "wrong shape":
+        assert "causal mask plus padding" in str(err.value)
