@@ -180,7 +180,9 @@ class _Routed:
     _supports_flash_attn = False
     _supports_flex_attn = False
     _supports_attention_backend = False
-    _can_compile_fullgraph = False  # the default backends branch on values (see docs/training.md)
+    # fullgraph compiles need a backend that traces whole (triton) or attn_implementation="eager": aha's
+    # default CPU backends branch on values, where dynamo breaks the graph (tests/test_hf_generation.py)
+    _can_compile_fullgraph = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
