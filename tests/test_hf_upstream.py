@@ -3,7 +3,7 @@
 The mixins come from the sdist of the installed transformers, downloaded by ``nox -s tests``
 (hf_testers/upstream.py); without it these tests are skipped. The tester classes are ours
 (hf_testers/testers.py). A test that cannot apply to AHA by design is skipped with its reason,
-listed in `BY_DESIGN` and in docs/training.md.
+listed in hf_testers/skips.py and in docs/training.md; tests left out for time are listed there too.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from hf_testers import testers, upstream  # noqa: E402
+from hf_testers.skips import BY_DESIGN, FOR_TIME  # noqa: E402
 
 if upstream.sdist_tests() is None:
     pytest.skip(upstream.MISSING, allow_module_level=True)
@@ -45,28 +46,6 @@ def _our_models_in_the_name_tables():
             names = {t.config_class.model_type: getattr(t, role).__name__ for t in testers.TESTERS}
             stack.enter_context(mock.patch.dict(getattr(modeling_auto, table), names))
         yield
-
-
-# "Class.test" or "test" (every class) -> why it cannot apply to an AHA model; docs/training.md lists them
-BY_DESIGN = {
-    "AHAQwen2ModelTest.test_sliding_window_mask": (
-        "Qwen2's sliding-window layers (config.use_sliding_window) are refused: AHA's Here is the window, "
-        "chosen per token and head by the router"
-    ),
-}
-
-# Left out of the default run to keep CI short (each spawns 2 processes that load the models: 10-20 s);
-# AHA_HF_UPSTREAM_ALL=1 runs them. Every model keeps test_tp_backward (TP loss and gradients equal
-# the unsharded ones); AHA-Llama, whose inherited plan used to crash, keeps forward and generation too.
-FOR_TIME = {
-    f"{cls}.{test}": "tensor-parallel runs of 10-20 s each: AHA_HF_UPSTREAM_ALL=1 runs them"
-    for cls, tests in (
-        ("FAOlmoModelTest", ("test_tp_forward_0", "test_tp_forward_1", "test_tp_generation")),
-        ("AHAQwen2ModelTest", ("test_tp_forward_0", "test_tp_forward_1", "test_tp_generation")),
-        ("AHALlamaModelTest", ("test_tp_forward_1",)),  # the tied-embeddings variant: no attention difference
-    )
-    for test in tests
-}
 
 
 class _AHAModelTest(common.ModelTesterMixin, common.GenerationTesterMixin, tensor_parallel.TensorParallelTesterMixin):
