@@ -213,3 +213,12 @@ def test_inductor_compiled_generation_gives_the_eager_tokens():
     m.set_attn_implementation("eager")
     want = m.generate(x, max_new_tokens=8, do_sample=False)
     assert torch.equal(_compiled_generate(m, x, compile_config(fullgraph=True, backend="inductor")), want)
+
+
+def test_a_prompt_holding_the_pad_token_without_a_mask_is_refused_with_the_way_out():
+    """transformers turns it into a mask with a hole, which AHA cannot take (by design: docs/training.md)."""
+    m, x = model(), prompt()
+    x[1, 3] = m.config.pad_token_id
+    with pytest.raises(ValueError, match="hole in row 1 at position 3.*pass the mask"):
+        m.generate(x, max_new_tokens=2, do_sample=False)
+    assert m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=2, do_sample=False).shape == (2, 8)

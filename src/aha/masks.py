@@ -310,7 +310,8 @@ def from_attention_mask(mask: torch.Tensor, len_q: int) -> Sequences | None:
             f"attention_mask has a hole in row {row} at position {pos}: a 0 between 1s. AHA attention takes "
             "padding only at the start of a row (left padding, as generate() makes) and at its end (right "
             "padding); a row right-padded with a cache leaves such a hole at the next step: pad on the left "
-            "for generation"
+            "for generation. generate() makes such a mask itself from a prompt that holds the pad token and "
+            "comes without an attention_mask: pass the mask"
         )
     positions = (keep.cumsum(1) - 1).clamp(min=0)[:, nk - len_q :]  # (B, Nq): generate()'s position ids
     if bool((first + count == nk).all()):  # every row ends at the last key: left padding only
