@@ -8,8 +8,14 @@ released AHA-OLMo2 checkpoint: ``q_proj`` has ``Hq * D + Hq`` output rows, the
 last ``Hq`` being the gate logits).
 
 Padded and packed batches: ``AHAAttention`` takes transformers' 2-D ``attention_mask``
-(left or right padding, with or without a cache) or flash-attn's ``cu_seqlens_q/_k``, and
-computes every sequence as if it were alone (`aha.masks` turns them into ragged calls).
+(left or right padding, with or without a cache), a 4-D mask that is a causal mask plus
+padding, or flash-attn's ``cu_seqlens_q/_k``, and computes every sequence as if it were alone
+(`aha.masks` turns them into ragged calls). Caches: `KVCache`, transformers' ``DynamicCache``,
+or a fixed-size ``StaticCache``, read up to its filled slots (`cache_layout`).
+
+`plain_attention` computes AHA by plain tensor ops and returns the attention weights too
+(``AHAAttention(..., return_weights=True)``): for ``output_attentions`` and for tracing
+(torch.compile with ``fullgraph=True``, torch.export) where a backend cannot.
 
 Observers see the router of every forward pass; `aha.training` builds the
 sparsity term and gate statistics on them. Importing this module needs torch.
