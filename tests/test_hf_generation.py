@@ -222,3 +222,26 @@ def test_a_prompt_holding_the_pad_token_without_a_mask_is_refused_with_the_way_o
     with pytest.raises(ValueError, match="hole in row 1 at position 3.*pass the mask"):
         m.generate(x, max_new_tokens=2, do_sample=False)
     assert m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=2, do_sample=False).shape == (2, 8)
+
+
+def test_compiled_generation_returns_every_output_of_eager_generation():
+    """Scores, logits, hidden states and attentions (over the static cache's slots, 0 past the filled ones)."""
+    m, x = model(), prompt()
+    m.set_attn_implementation("eager")
+    kw = dict(max_new_tokens=4, do_sample=False, output_attentions=True, output_hidden_states=True,
+              output_scores=True, output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    want = m.generate(x, **kw)
+    torch._dynamo.reset()
+    got = m.generate(x, cache_implementation="static", compile_config=compile_config(fullgraph=True), **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for name in ("scores", "logits"):
+        for a, b in zip(getattr(got, name), getattr(want, name), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for step_got, step_want in zip(got.hidden_states, want.hidden_states, strict=True):
+        for a, b in zip(step_got, step_want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for step_got, step_want in zip(got.attentions, want.attentions, strict=True):
+        for a, b in zip(step_got, step_want, strict=True):  # (B, Hq, N, 9 slots) against (B, Hq, N, filled)
+            filled = b.shape[-1]
+            torch.testing.assert_close(a[..., :filled], b, atol=1e-5, rtol=1e-5)
+            assert a.shape[-1] == 9 and not a[..., filled:].any()
