@@ -501,7 +501,10 @@ def test_eager_and_sdpa_are_honoured_and_can_be_switched(tmp_path):
     assert len(plain.attentions) == TINY["num_hidden_layers"]
     model.set_attn_implementation("sdpa")
     model.save_pretrained(tmp_path)
-    assert AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").config._attn_implementation == "eager"
+    assert (
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").config._attn_implementation
+        == "eager"
+    )
 
 
 # --- output_attentions: one map per layer, each row All's or Here's softmax as routed ----------------

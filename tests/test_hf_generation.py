@@ -30,7 +30,10 @@ H = TINY["num_attention_heads"]  # head_dim 16: the smallest the triton backend 
 
 
 def model(family: str = "olmo2", window: int = 3, seed: int = 0):
-    config_cls, model_cls = {"olmo2": (FAOlmoConfig, FAOlmoForCausalLM), "llama": (AHALlamaConfig, AHALlamaForCausalLM)}[family]
+    config_cls, model_cls = {
+        "olmo2": (FAOlmoConfig, FAOlmoForCausalLM),
+        "llama": (AHALlamaConfig, AHALlamaForCausalLM),
+    }[family]
     torch.manual_seed(seed)
     m = model_cls(config_cls(local_window_size=window, **TINY)).eval()
     with torch.no_grad():
@@ -170,7 +173,9 @@ def test_a_forward_into_a_static_cache_gives_the_full_passes_logits_step_by_step
 def _compiled_generate(m, x, config, new=8, **kw):
     torch._dynamo.reset()
     aha.backends()  # load the backends outside the traced code
-    return m.generate(x, max_new_tokens=new, do_sample=False, cache_implementation="static", compile_config=config, **kw)
+    return m.generate(
+        x, max_new_tokens=new, do_sample=False, cache_implementation="static", compile_config=config, **kw
+    )
 
 
 def test_compiled_greedy_generation_with_the_default_backends_gives_the_eager_tokens():

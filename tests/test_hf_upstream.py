@@ -28,7 +28,8 @@ pytest.importorskip("parameterized", reason=upstream.MISSING)
 PACKAGE = upstream.load()
 common = importlib.import_module(f"{PACKAGE}.test_modeling_common")
 tensor_parallel = importlib.import_module(f"{PACKAGE}.test_tensor_parallel_mixin")
-tensor_parallel.TP_DISTRIBUTED_TEST_MODEL_TYPES = None  # upstream runs the distributed TP tests for a few model types only
+# upstream runs the distributed TP tests for a few model types only; None runs them for ours
+tensor_parallel.TP_DISTRIBUTED_TEST_MODEL_TYPES = None
 
 # The mixins tell a bare model from a causal LM by transformers' tables of its own models' class names
 # (a bare model trains without labels, a causal LM gets labels); ours join them for these tests.
@@ -60,7 +61,9 @@ def _skip_by_design(cls):
     skips = {key.rpartition(".")[2]: f"AHA by design: {why}" for key, why in BY_DESIGN.items()
              if key.partition(".")[0] in (cls.__name__, key)}  # fmt: skip
     if not os.environ.get("AHA_HF_UPSTREAM_ALL"):
-        skips.update({key.rpartition(".")[2]: why for key, why in FOR_TIME.items() if key.startswith(cls.__name__ + ".")})
+        skips.update(
+            {key.rpartition(".")[2]: why for key, why in FOR_TIME.items() if key.startswith(cls.__name__ + ".")}
+        )
     for name, reason in skips.items():
         assert hasattr(cls, name), f"{cls.__name__} has no test {name} to skip: the skip lists are stale"
         setattr(cls, name, unittest.skip(reason)(getattr(cls, name)))

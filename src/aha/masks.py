@@ -240,7 +240,7 @@ def keys_of_4d_mask(mask: torch.Tensor, batch: int, len_q: int, len_k: int, used
         raise ValueError(
             f"attention_mask: this 4-D mask is not a causal mask plus padding: in row {b}, query {i} (key slot "
             f"{int(own[i])}) {does} key {j}, which causal attention over the row's real keys would not. "
-            + _NOT_CAUSAL
+            f"{_NOT_CAUSAL}"
         )
     return keys
 
