@@ -1,6 +1,8 @@
 """Sessions: tests, conformance, lint, docs, bench, gpu. `nox -s tests` is what CI runs."""
 
 import os
+import tarfile
+from pathlib import Path
 
 import nox
 
@@ -24,8 +26,24 @@ def _install(session, extras="testing"):
 def tests(session):
     """The whole test suite, conformance for every backend included (CI)."""
     _install(session, "testing,hf,triton,experiments")
+    session.install("parameterized", "accelerate")  # imported by transformers' own test files
+    session.env.setdefault("AHA_TRANSFORMERS_TESTS", _transformers_tests(session))
     session.env.setdefault("TRITON_INTERPRET", "1")
     session.run("pytest", "-q", "-ra", "--hypothesis-profile=ci", *session.posargs)
+
+
+def _transformers_tests(session) -> str:
+    """The tests/ folder of the installed transformers' sdist, downloaded at test time (never kept in this repo):
+    tests/test_hf_upstream.py runs its model test mixins on the AHA models."""
+    version = session.run("python", "-c", "import transformers; print(transformers.__version__)", silent=True).strip()
+    dest = Path(session.cache_dir) / f"transformers-{version}-tests"
+    top = f"transformers-{version}"
+    if not (dest / top / "tests").is_dir():
+        session.run("pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", str(dest), f"transformers=={version}")
+        with tarfile.open(dest / f"{top}.tar.gz") as sdist:
+            keep = [m for m in sdist.getmembers() if m.name.startswith(f"{top}/tests/") or m.name == f"{top}/PKG-INFO"]
+            sdist.extractall(dest, members=keep, filter="data")
+    return str(dest / top / "tests")
 
 
 @nox.session(python=PY)

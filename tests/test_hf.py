@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import types
 
 import pytest
@@ -452,3 +453,203 @@ def test_transformers_builds_no_attention_mask_for_the_routed_layers(monkeypatch
     x, mask = pad(seqs, "left")
     model(x, attention_mask=mask)  # padded
     model(torch.cat(seqs)[None], position_ids=torch.cat([torch.arange(len(s)) for s in seqs])[None])  # packed
+
+
+# --- transformers conventions: GenerationMixin, bare models, attn_implementation -------------------
+
+BARE = {"olmo2": aha.hf.FAOlmoModel, "llama": aha.hf.AHALlamaModel, "qwen2": aha.hf.AHAQwen2Model}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bare_models_load_with_automodel_and_the_lms_inherit_generation_mixin(tmp_path, family):
+    from transformers import AutoModel, GenerationMixin
+
+    model, x = routed(family), ids(length=12)
+    lm_class = type(model)
+    assert GenerationMixin in lm_class.__bases__ and lm_class.can_generate()
+    assert type(model.model) is BARE[family] and not BARE[family].can_generate()
+    model.save_pretrained(tmp_path)
+    bare = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(bare) is BARE[family]
+    with torch.no_grad():
+        torch.testing.assert_close(bare(x).last_hidden_state, model.model(x).last_hidden_state)
+        bare.save_pretrained(tmp_path / "bare")  # and the bare checkpoint loads into the LM's body
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "bare").eval()
+    for key, value in bare.state_dict().items():
+        assert torch.equal(again.model.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("requested", ["flash_attention_2", "flex_attention", "paged|eager", "kernels-community/x"])
+def test_an_attn_implementation_aha_cannot_honour_is_refused(tmp_path, requested):
+    faolmo(window=3).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"attn_implementation=.*not supported.*'sdpa'.*'eager'"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=requested)
+    with pytest.raises(ValueError, match="All-or-Here"):
+        FAOlmoForCausalLM(FAOlmoConfig(local_window_size=3, attn_implementation=requested, **TINY))
+
+
+def test_eager_and_sdpa_are_honoured_and_can_be_switched(tmp_path):
+    model, x = faolmo(window=3), ids(length=12)
+    assert model.config._attn_implementation == "sdpa"
+    fast = model(x)
+    assert fast.attentions is None
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+    with torch.no_grad():
+        plain = model(x, output_attentions=True)
+    torch.testing.assert_close(plain.logits, fast.logits, atol=1e-5, rtol=1e-5)
+    assert len(plain.attentions) == TINY["num_hidden_layers"]
+    model.set_attn_implementation("sdpa")
+    model.save_pretrained(tmp_path)
+    assert (
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").config._attn_implementation
+        == "eager"
+    )
+
+
+# --- output_attentions: one map per layer, each row All's or Here's softmax as routed ----------------
+
+
+def record_gates(model) -> tuple[list, list]:
+    """Each layer's hard gate [B, Hq, N] of every forward, in order; and the handles to remove."""
+    seen = []
+    handles = [layer.self_attn.observe(lambda mod, logits, gate, offset: seen.append(gate.bool()))
+               for layer in model.model.layers]  # fmt: skip
+    return seen, handles
+
+
+def expected_support(gate, lp: int, offset: int, n: int, window: int) -> torch.Tensor:
+    """[Hq, N, offset + N]: the keys each query of a row left-padded by ``lp`` reads, as its gate chose."""
+    i = offset + torch.arange(n)[:, None]  # each query's key slot
+    j = torch.arange(offset + n)
+    causal = (j <= i) & (j >= lp)
+    here = causal & (j > i - window)
+    return torch.where(gate[..., None], causal, here)  # a padding query (i < lp) reads nothing
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_output_attentions_gives_each_query_alls_or_heres_softmax_as_routed(family, implementation):
+    model, seqs = routed(family, window=3), prompts([9, 4, 6])
+    x, mask = pad(seqs, "left")
+    model.set_attn_implementation(implementation)  # sdpa: the plain path runs when weights are asked for
+    gates, handles = record_gates(model)
+    with torch.no_grad():
+        out = model(x, attention_mask=mask, output_attentions=True, use_cache=True)
+        step = model(ids(3, 1), attention_mask=torch.cat([mask, mask.new_ones(3, 1)], 1), output_attentions=True,
+                     **next_step(model, out))  # fmt: skip
+    for h in handles:
+        h.remove()
+    assert len(out.attentions) == len(step.attentions) == TINY["num_hidden_layers"]
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, logits(model, x, attention_mask=mask), atol=1e-5, rtol=1e-5)
+    layers = len(model.model.layers)
+    for weights, gate, offset, n in [(out.attentions, gates[:layers], 0, 9), (step.attentions, gates[layers:], 9, 1)]:
+        for w, g in zip(weights, gate):
+            assert w.shape == (3, H, n, offset + n)
+            for b, s in enumerate(seqs):
+                lp = 9 - len(s)
+                support = expected_support(g[b], lp, offset, n, window=3)
+                assert torch.equal(w[b] > 0, support), f"row {b}"
+                torch.testing.assert_close(w[b].sum(-1), support.any(-1).float())  # 1, or 0 for a padding query
+    assert any(bool(g.any()) and not bool(g.all()) for g in gates)  # a real mix of All and Here rows
+
+
+def test_output_attentions_of_packed_sequences_stay_within_each_sequence():
+    model, seqs = routed("llama", window=2), prompts([4, 3, 5], seed=4)
+    model.set_attn_implementation("eager")
+    x = torch.cat(seqs)[None]
+    pos = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    with torch.no_grad():
+        w = model(x, position_ids=pos, output_attentions=True).attentions[0][0]  # (Hq, 12, 12)
+    doc = torch.repeat_interleave(torch.arange(3), torch.tensor([4, 3, 5]))
+    outside = doc[:, None] != doc[None, :]
+    assert bool((w[:, outside] == 0).all()) and bool((w.sum(-1) - 1).abs().max() < 1e-5)
+
+
+def test_assisted_decoding_returns_the_attentions_and_the_same_tokens():
+    model, assistant = faolmo(window=3, seed=0), faolmo(window=3, seed=1)
+    prompt = ids(batch=1, length=6, seed=2)
+    for m in (model, assistant):
+        m.set_attn_implementation("eager")
+    out = model.generate(prompt, assistant_model=assistant, max_new_tokens=6, do_sample=False,
+                         output_attentions=True, return_dict_in_generate=True)  # fmt: skip
+    assert torch.equal(out.sequences, model.generate(prompt, max_new_tokens=6, do_sample=False))
+    assert all(len(step) == TINY["num_hidden_layers"] for step in out.attentions)
+    assert out.attentions[0][0].shape == (1, H, 6, 6) and out.attentions[-1][0].shape[-1] == 11
+
+
+# --- 4-D masks: causal plus padding becomes the ragged arguments; any other is refused ---------------
+
+
+def transformers_4d_mask(model, x, mask, implementation: str, cache=None):
+    """The 4-D mask transformers' own Llama/OLMo-2 code builds from a 2-D padding mask."""
+    from transformers.masking_utils import create_causal_mask
+
+    config = type(model.config)(**{**model.config.to_dict(), "attn_implementation": implementation})
+    config._attn_implementation = implementation
+    embeds = torch.zeros(*x.shape, 1)
+    kw = {"cache": cache} if "cache" in inspect.signature(create_causal_mask).parameters else {"past_key_values": cache}
+    return create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=mask, allow_is_causal_skip=False,
+                              position_ids=torch.arange(x.shape[1])[None], **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])  # bool and additive float masks
+def test_a_4d_causal_plus_padding_mask_gives_the_logits_of_its_2d_mask(implementation):
+    model, seqs = routed("olmo2"), prompts([9, 4, 5])
+    x, mask = pad(seqs, "right")
+    x[2], mask[2] = x[2].roll(2), mask[2].roll(2)  # row 1 right padding, row 2 both sides
+    mask4 = transformers_4d_mask(model, x, mask, implementation)
+    assert mask4.shape == (3, 1, 9, 9) and (mask4.dtype == torch.bool) == (implementation == "sdpa")
+    with torch.no_grad():
+        got, want = model(x, attention_mask=mask4).logits, model(x, attention_mask=mask).logits
+    for i, (s, start) in enumerate(zip(seqs, [0, 0, 2])):
+        torch.testing.assert_close(got[i, start : start + len(s)], want[i, start : start + len(s)])
+    left, lmask = pad(seqs, "left")  # and a decode step over a left-padded cache, as generate() makes it
+    with torch.no_grad():
+        out = model(left, attention_mask=lmask, use_cache=True)
+        step_mask = torch.cat([lmask, lmask.new_ones(3, 1)], 1)
+        mask4 = transformers_4d_mask(model, left[:, :1], step_mask, implementation, cache=out.cache)
+        assert mask4.shape == (3, 1, 1, 10)
+        got = model(left[:, :1], attention_mask=mask4, **next_step(model, out)).logits
+    with torch.no_grad():
+        out = model(left, attention_mask=lmask, use_cache=True)
+        want = model(left[:, :1], attention_mask=step_mask, **next_step(model, out)).logits
+    torch.testing.assert_close(got, want)
+
+
+def _document_mask(lengths):
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    n = len(doc)
+    return ((doc[:, None] == doc[None, :]) & torch.ones(n, n, dtype=torch.bool).tril())[None, None]
+
+
+@pytest.mark.parametrize(
+    "name, mask, says",
+    [
+        ("bidirectional", torch.ones(1, 1, 8, 8, dtype=torch.bool), r"query 0 \(key slot 0\) reads key 1"),
+        ("packed documents", _document_mask([3, 5]), r"query 3 \(key slot 3\) does not read key 0"),
+        ("sliding window", torch.ones(8, 8, dtype=torch.bool).tril().triu(-2)[None, None], "does not read key 0"),
+        ("additive bias", torch.zeros(1, 1, 8, 8).masked_fill(torch.ones(8, 8).triu(1).bool(), -1e9) - 0.5, "bias"),
+        ("wrong shape", torch.ones(1, 1, 8, 7, dtype=torch.bool), r"\[1, 1, 8, 8\]"),
+    ],
+)
+def test_a_4d_mask_that_is_not_causal_plus_padding_is_refused_with_the_reason(name, mask, says):
+    model = faolmo(window=3)
+    with pytest.raises(ValueError, match="4-D") as err:
+        model(ids(batch=1, length=8), attention_mask=mask)
+    assert re.search(says, str(err.value)), str(err.value)
+    if name != "wrong shape":
+        assert "causal mask plus padding" in str(err.value)
+
+
+def test_docs_list_every_upstream_test_skipped_by_design_or_left_out_for_time():
+    from pathlib import Path
+
+    from hf_testers.skips import BY_DESIGN, FOR_TIME
+
+    page = " ".join((Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text().split())
+    for key, reason in BY_DESIGN.items():
+        assert f"| `{key}` | {reason} |" in page, key
+    for key in FOR_TIME:
+        assert f"`{key.rpartition('.')[2]}`" in page, key

@@ -8,8 +8,14 @@ released AHA-OLMo2 checkpoint: ``q_proj`` has ``Hq * D + Hq`` output rows, the
 last ``Hq`` being the gate logits).
 
 Padded and packed batches: ``AHAAttention`` takes transformers' 2-D ``attention_mask``
-(left or right padding, with or without a cache) or flash-attn's ``cu_seqlens_q/_k``, and
-computes every sequence as if it were alone (`aha.masks` turns them into ragged calls).
+(left or right padding, with or without a cache), a 4-D mask that is a causal mask plus
+padding, or flash-attn's ``cu_seqlens_q/_k``, and computes every sequence as if it were alone
+(`aha.masks` turns them into ragged calls). Caches: `KVCache`, transformers' ``DynamicCache``,
+or a fixed-size ``StaticCache``, read up to its filled slots (`cache_layout`).
+
+`plain_attention` computes AHA by plain tensor ops and returns the attention weights too
+(``AHAAttention(..., return_weights=True)``): for ``output_attentions`` and for tracing
+(torch.compile with ``fullgraph=True``, torch.export) where a backend cannot.
 
 Observers see the router of every forward pass; `aha.training` builds the
 sparsity term and gate statistics on them. Importing this module needs torch.
@@ -39,6 +45,8 @@ __all__ = [
     "set_backend",
     "rotary_embedding",
     "apply_rotary",
+    "plain_attention",
+    "cache_layout",
 ]
 
 # observer(module, logits [B, Hq, N], gate [B, Hq, N] (bool or float), offset: position of token 0)
@@ -124,6 +132,64 @@ class KVCache:
             self.keys[layer_idx] = torch.cat([self.keys[layer_idx], k], dim=-2)
             self.values[layer_idx] = torch.cat([self.values[layer_idx], v], dim=-2)
         return self.keys[layer_idx], self.values[layer_idx]
+
+
+def cache_layout(cache, layer_idx: int, n: int):
+    """``(offset, len_k, used)`` of a call adding ``n`` tokens to ``cache`` (None: no cache).
+
+    offset: tokens cached before the call (an int, or a 0-d tensor for a ``StaticCache``);
+    len_k: the keys the cache returns after the update; used: for a fixed-size cache (one
+    transformers marks ``is_compileable``), the filled slots after the update (offset + n, the
+    ``cache_seqlens`` of the call), else None: every returned key is filled.
+    """
+    if cache is None:
+        return 0, n, None
+    offset = cache.get_seq_length(layer_idx)
+    if not getattr(cache, "is_compileable", False):
+        return offset, offset + n, None
+    layers = getattr(cache, "layers", None)
+    layer = layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
+    slots = getattr(layer, "max_cache_len", None)
+    if slots is None or getattr(layer, "is_sliding", False):
+        raise ValueError(
+            f"cache: AHA layers need every past key, which this fixed-size cache ({type(cache).__name__}, "
+            f"layer {layer_idx}: {type(layer).__name__}) does not keep; use a StaticCache without sliding "
+            "layers, a DynamicCache or aha.nn.KVCache"
+        )
+    return offset, slots, offset + n
+
+
+def plain_attention(q, k, v, gate, *, window: int, scale=None, first=None, own=None):
+    """AHA by plain tensor ops, with its weights: (out [B, Hq, Nq, D], weights [B, Hq, Nq, Nk]).
+
+    Each query's weights are All's causal softmax over keys [first, own] or Here's softmax over the
+    last ``window`` of them, as its gate chose (a float gate blends the two, as the straight-through
+    router's 0/1 does exactly); ``first``, ``own`` [B, Nq]: the key slots where its sequence starts
+    and where it sits (`aha.masks.Sequences.spans`), by default 0 and Nk - Nq + i. A query with no
+    key (a padding query, ``first > own``) gets weights and output 0. Memory O(Nq * Nk): for
+    inspection (``output_attentions``) and tracing, not for long sequences.
+    """
+    bsz, hq, nq, d = q.shape
+    nk = k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    if own is None:
+        own = (nk - nq + torch.arange(nq, device=q.device)).expand(bsz, nq)
+        first = torch.zeros_like(own)
+    cols = torch.arange(nk, device=q.device)
+    reads = (cols >= first[..., None]) & (cols <= own[..., None])  # (B, Nq, Nk): All's keys
+    here = reads & (cols > own[..., None] - window)  # Here's keys
+    k, v = k.repeat_interleave(hq // k.shape[1], 1), v.repeat_interleave(hq // v.shape[1], 1)  # (B, Hq, Nk, D)
+    scores = (q @ k.transpose(-1, -2)).float() * scale  # (B, Hq, Nq, Nk)
+
+    def softmax(allowed):  # (B, Nq, Nk) -> (B, Hq, Nq, Nk), rows without a key all 0
+        p = torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
+        return torch.where(allowed[:, None], p, 0.0)
+
+    g = gate[..., None]  # (B, Hq, Nq, 1)
+    p_all, p_here = softmax(reads), softmax(here)
+    weights = torch.where(g, p_all, p_here) if gate.dtype == torch.bool else g * p_all + (1 - g) * p_here
+    weights = weights.to(q.dtype)
+    return weights @ v, weights
 
 
 class AHAAttention(nn.Module):
@@ -248,53 +314,59 @@ class AHAAttention(nn.Module):
         max_seqlen_q=None,
         max_seqlen_k=None,
         sequences: Sequences | None = None,
-    ) -> torch.Tensor:
-        """x [B, N, C] -> [B, N, C].
+        return_weights: bool = False,
+    ):
+        """x [B, N, C] -> [B, N, C]; with ``return_weights``, (out, weights [B, Hq, N, keys]).
 
         position_embeddings: (cos, sin) [B or 1, N, D] from the caller's rotary embedding;
         else RoPE at ``position_ids`` [B or 1, N] when rope_theta is set (default: after the cached
         tokens, or each token's place in its own sequence for padded and packed batches).
-        cache: a `KVCache` or a transformers ``DynamicCache``; the new queries align
-        bottom-right against the cached keys.
+        cache: a `KVCache`, a transformers ``DynamicCache`` or a fixed-size ``StaticCache`` (its
+        filled slots are read: ``cache_seqlens``); the new queries align bottom-right against the
+        cached keys.
         attention_mask: [B, past + N] of 1 (token) and 0 (padding), as transformers makes it:
             left padding (generate()), right padding, or both, with or without a cache; never a 0
-            between 1s. The outputs at padding positions are meaningless (attention gives them 0).
+            between 1s. Or a 4-D [B, 1, N, keys] mask that is a causal mask plus padding (what
+            transformers builds from the 2-D one); any other 4-D mask is refused. The outputs at
+            padding positions are 0.
         cu_seqlens_q, cu_seqlens_k: [S + 1] ints, sequences packed along the flattened B * N tokens
             (flash-attn's names; the same offsets twice); needs an empty cache.
         max_seqlen_q, max_seqlen_k: optional hints, the longest packed sequence.
         sequences: an `aha.masks.Sequences` built once for every layer of a model (instead of the
             mask or cu_seqlens).
+        return_weights: compute the attention by the plain path (`plain_attention`) and return its
+            weights as well: each query's row is All's causal softmax or Here's windowed softmax, as
+            the router chose; 0 for padding queries.
         Every sequence is computed as if it were alone in the batch.
         """
         b, n, _ = x.shape
-        offset = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        offset, len_k, used = cache_layout(cache, self.layer_idx, n)
         if sequences is None:
             sequences = masks.sequences(
-                b, n, offset + n, attention_mask=attention_mask, cu_seqlens_q=cu_seqlens_q,
-                cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, device=x.device,
+                b, n, len_k, attention_mask=attention_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, used=used, device=x.device,
             )  # fmt: skip
         elif attention_mask is not None or cu_seqlens_q is not None or cu_seqlens_k is not None:
             raise ValueError("sequences already describes the batch: pass it or attention_mask / cu_seqlens, not both")
         else:
-            sequences.check(b, n, offset + n)
+            sequences.check(b, n, len_k)
         q, k, v, logits = self._project(x)
         if position_embeddings is None and self.rope_theta is not None:
             if position_ids is None:
                 position_ids = (
-                    torch.arange(offset, offset + n, device=x.device)[None]
-                    if sequences is None
-                    else sequences.positions
+                    torch.arange(n, device=x.device)[None] + offset if sequences is None else sequences.positions
                 )  # (B or 1, N)
             position_embeddings = rotary_embedding(position_ids, self.head_dim, self.rope_theta, q.dtype)
         if position_embeddings is not None:
             cos, sin = position_embeddings
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, offset + N, D)
-            if k.shape[-2] != offset + n:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, len_k, D)
+            if k.shape[-2] != len_k:
                 raise ValueError(
                     f"cache: AHAAttention needs a cache that returns every past key (got {k.shape[-2]} keys for "
-                    f"{offset} cached + {n} new tokens); use aha.nn.KVCache or transformers' DynamicCache"
+                    f"{offset} cached + {n} new tokens); use aha.nn.KVCache or transformers' DynamicCache "
+                    "or StaticCache"
                 )
         gate = hard_gate(logits, self.threshold)  # (B, Hq, N), 1 = All
         for fn in tuple(self._observers.values()):
@@ -305,11 +377,16 @@ class AHAAttention(nn.Module):
             gate = torch.ones(gate.shape, dtype=torch.bool, device=gate.device)
         elif gate.dtype != torch.bool:
             gate = gate.to(q.dtype)
-        if sequences is None:
+        weights = None
+        if return_weights:
+            first, own = (None, None) if sequences is None else sequences.spans()
+            out, weights = plain_attention(q, k, v, gate, window=self.window, first=first, own=own)
+        elif sequences is None:
             out = aha.attention(q, k, v, gate, window=self.window, backend=self.backend)  # (B, Hq, N, D)
-        else:  # padded or packed: 0 at padding queries
+        else:  # padded, packed or a fixed-size cache: 0 at padding queries
             out = sequences.attention(q, k, v, gate, window=self.window, backend=self.backend)
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+        out = self.o_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+        return (out, weights) if return_weights else out
 
     def extra_repr(self) -> str:
         return (

@@ -8,36 +8,41 @@ checkpoint in the released AHA-OLMo2 layout (model_type ``"faolmo"``) loads with
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained("path/to/aha-olmo2")
 
-Registered: ``faolmo`` (OLMo-2), ``aha_llama``, ``aha_qwen2``.
+Registered: ``faolmo`` (OLMo-2), ``aha_llama``, ``aha_qwen2``, each with ``AutoModelForCausalLM``
+and its bare model with ``AutoModel``.
 """
 
 from __future__ import annotations
 
 try:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"aha.hf needs transformers ({exc}); pip install 'aha-attention[hf]'") from exc
 
 from aha.hf.configuration_faolmo import AHALlamaConfig, AHAQwen2Config, FAOlmoConfig
 from aha.hf.convert import add_router, convert_checkpoint
-from aha.hf.modeling_aha import AHALlamaForCausalLM, AHAQwen2ForCausalLM
-from aha.hf.modeling_faolmo import FAOlmoForCausalLM
+from aha.hf.modeling_aha import AHALlamaForCausalLM, AHALlamaModel, AHAQwen2ForCausalLM, AHAQwen2Model
+from aha.hf.modeling_faolmo import FAOlmoForCausalLM, FAOlmoModel
 
 __all__ = [
     "FAOlmoConfig",
+    "FAOlmoModel",
     "FAOlmoForCausalLM",
     "AHALlamaConfig",
+    "AHALlamaModel",
     "AHALlamaForCausalLM",
     "AHAQwen2Config",
+    "AHAQwen2Model",
     "AHAQwen2ForCausalLM",
     "add_router",
     "convert_checkpoint",
 ]
 
-for _config, _model in (
-    (FAOlmoConfig, FAOlmoForCausalLM),
-    (AHALlamaConfig, AHALlamaForCausalLM),
-    (AHAQwen2Config, AHAQwen2ForCausalLM),
+for _config, _bare, _lm in (
+    (FAOlmoConfig, FAOlmoModel, FAOlmoForCausalLM),
+    (AHALlamaConfig, AHALlamaModel, AHALlamaForCausalLM),
+    (AHAQwen2Config, AHAQwen2Model, AHAQwen2ForCausalLM),
 ):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
-    AutoModelForCausalLM.register(_config, _model, exist_ok=True)
+    AutoModel.register(_config, _bare, exist_ok=True)
+    AutoModelForCausalLM.register(_config, _lm, exist_ok=True)
