@@ -3,8 +3,8 @@ ExecuTorch recipe), compared with eager.
 
 The model side (the batch description, the static cache's cache_seqlens, the plain path) holds no
 data-dependent Python branch, so export works wherever the attention itself traces: the plain path of
-attn_implementation="eager" and the triton backend. aha's default CPU backends (torch, cpu,
-reference) branch on values and cannot be exported yet (see the xfail below).
+attn_implementation="eager", the triton backend, and aha's default CPU backends (torch, cpu, reference),
+whose value-dependent code each runs as one opaque custom op while tracing (aha.torch_ops.opaque_attention).
 """
 
 from __future__ import annotations
@@ -60,15 +60,10 @@ def test_an_exported_forward_gives_the_eager_logits(path, strict):
     _export_and_compare(path, strict)
 
 
-@pytest.mark.xfail(
-    reason="backend-side: the torch and cpu backends branch on values (the all-All shortcut, the finite checks, "
-    "the routed token compaction) and the reference backend calls .numpy(); export needs each wrapped in a "
-    "torch.library custom op with a fake (shape-only) implementation",
-    raises=Exception,
-)
+@pytest.mark.parametrize("strict", [False, True])
 @pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
-def test_an_exported_forward_on_the_default_cpu_backends(backend):
-    _export_and_compare(backend, strict=False)
+def test_an_exported_forward_on_the_default_cpu_backends(backend, strict):
+    _export_and_compare(backend, strict)
 
 
 def test_exported_decode_steps_into_a_static_cache_give_the_greedy_tokens():

@@ -20,8 +20,12 @@ def forward(
     q, k, v, gate, *, window, scale=None, cache_seqlens=None, cache_leftpad=None, cu_seqlens_q=None,
     cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
 ):  # fmt: skip
-    from aha_cpu.attention import attention
+    import torch
 
+    if torch.compiler.is_compiling():  # one opaque op: the eager code branches on values
+        from aha_cpu.ops import attention
+    else:
+        from aha_cpu.attention import attention
     packed = {} if cu_seqlens_q is None else {"cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k}
     return attention(
         q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad, **packed

@@ -17,9 +17,12 @@ from aha.registry import Capabilities
 def forward(q, k, v, gate, *, window, scale=None, cache_seqlens=None, **ragged):
     if isinstance(q, np.ndarray):
         return reference.attention(q, k, v, gate, window, scale, cache_seqlens, **ragged).astype(q.dtype)
-    from aha_reference.torch_bridge import ReferenceFunction
+    import torch
 
-    return ReferenceFunction.apply(q, k, v, gate, window, scale, {"cache_seqlens": cache_seqlens, **ragged})
+    from aha_reference import torch_bridge
+
+    call = torch_bridge.traced_attention if torch.compiler.is_compiling() else torch_bridge.attention
+    return call(q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens, **ragged)
 
 
 @aha.hookimpl

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from aha import reference
+from aha.torch_ops import opaque_attention
 
 
 def _np(x: torch.Tensor):
@@ -30,3 +31,12 @@ class ReferenceFunction(torch.autograd.Function):
         dq, dk, dv, dgate = (torch.from_numpy(g) for g in grads)
         dgate = dgate.to(gate.dtype) if gate.is_floating_point() else None
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgate, None, None, None
+
+
+def attention(q, k, v, gate, *, window, scale=None, **ragged):
+    """The reference on torch tensors, differentiable (ragged: the ragged-batch keywords)."""
+    return ReferenceFunction.apply(q, k, v, gate, window, scale, ragged)
+
+
+# For torch.compile / torch.export: one opaque op (the reference reads values through NumPy).
+traced_attention = opaque_attention("aha_reference", attention)

@@ -18,12 +18,14 @@ def forward(
     q, k, v, gate, *, window, scale=None, cache_seqlens=None, cache_leftpad=None, cu_seqlens_q=None,
     cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
 ):  # fmt: skip
-    from aha_torch.sdpa import aha_sdpa, aha_sdpa_ragged
+    import torch
 
     packed = {} if cu_seqlens_q is None else {"cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k}
-    if cache_seqlens is None and cache_leftpad is None and not packed:
-        return aha_sdpa(q, k, v, gate, window=window, scale=scale)
-    return aha_sdpa_ragged(
+    if torch.compiler.is_compiling():  # one opaque op: the eager code branches on values
+        from aha_torch.ops import attention
+    else:
+        from aha_torch.sdpa import attention
+    return attention(
         q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad, **packed
     )
 

@@ -57,6 +57,15 @@ def aha_sdpa(q, k, v, gate, *, window, scale=None):
     return mix(gate, all_attention(q, k, v, scale), out_here)
 
 
+def attention(q, k, v, gate, *, window, scale=None, cache_seqlens=None, cache_leftpad=None, **packed):
+    """The backend's entry: `aha_sdpa`, or `aha_sdpa_ragged` for a ragged batch (packed: cu_seqlens_q, cu_seqlens_k)."""
+    if cache_seqlens is None and cache_leftpad is None and not packed:
+        return aha_sdpa(q, k, v, gate, window=window, scale=scale)
+    return aha_sdpa_ragged(
+        q, k, v, gate, window=window, scale=scale, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad, **packed
+    )
+
+
 def aha_sdpa_ragged(q, k, v, gate, *, window, scale=None, cache_seqlens=None, cache_leftpad=None, **packed):
     """A ragged batch (see :mod:`aha.sequences`): each sequence reads its own keys only.
 

@@ -5,8 +5,11 @@ Importing this module needs torch; ``import aha`` does not import it.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from aha.sequences import segments
 from aha.window import position_offset
@@ -26,6 +29,7 @@ __all__ = [
     "merge_into",
     "group_rows",
     "route_order",
+    "opaque_attention",
 ]
 
 
@@ -237,3 +241,115 @@ def route_order(is_all: torch.Tensor, heads_kv: int) -> tuple[torch.Tensor, torc
     x = group_rows(is_all, heads_kv)  # (BH, R)
     order = torch.argsort((~x).to(torch.int8), dim=1, stable=True)  # All (key 0) first, row order kept
     return order.to(torch.int32).contiguous(), x.sum(1).to(torch.int32).contiguous()
+
+
+def opaque_attention(namespace: str, fn):
+    """``fn`` (an eager AHA forward) as one custom op ``{namespace}::attention`` that the compiler cannot see into.
+
+    fn(q, k, v, gate, *, window, scale, cache_seqlens=..., cache_leftpad=..., cu_seqlens_q=...,
+    cu_seqlens_k=...) -> [B, Hq, Nq, D]: a backend whose code branches on tensor values
+    (finite checks, routing, ``.tolist()``). torch.compile and torch.export then keep the
+    call whole in their graph: the op's fake implementation gives the output's shape, and
+    its backward, a second op ``{namespace}::attention_backward``, recomputes fn with
+    autograd on detached inputs. Returns ``call(q, k, v, gate, *, window, scale=None,
+    **ragged)``, which takes a bool gate (turned into q's dtype) and drops the max_seqlen
+    hints. Meant for traced code (``torch.compiler.is_compiling()``); eager calls stay on fn.
+    """
+
+    def run(q, k, v, gate, window, scale, ragged):
+        names = ("cache_seqlens", "cache_leftpad", "cu_seqlens_q", "cu_seqlens_k")
+        kw = {n: x for n, x in zip(names, ragged) if x is not None}
+        return fn(q, k, v, gate, window=window, scale=scale, **kw)
+
+    @torch.library.custom_op(f"{namespace}::attention", mutates_args=())
+    def forward(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        gate: Tensor,
+        window: int,
+        scale: Optional[float] = None,  # noqa: UP045 (torch.library infers the schema from typing.Optional)
+        cache_seqlens: Optional[Tensor] = None,  # noqa: UP045
+        cache_leftpad: Optional[Tensor] = None,  # noqa: UP045
+        cu_seqlens_q: Optional[Tensor] = None,  # noqa: UP045
+        cu_seqlens_k: Optional[Tensor] = None,  # noqa: UP045
+    ) -> Tensor:
+        ragged = (cache_seqlens, cache_leftpad, cu_seqlens_q, cu_seqlens_k)
+        with torch.no_grad():
+            out = run(q.detach(), k.detach(), v.detach(), gate.detach(), window, scale, ragged)
+        return out.clone() if _aliases(out, q, k, v, gate) else out
+
+    @forward.register_fake
+    def _(q, k, v, gate, window, scale=None, cache_seqlens=None, cache_leftpad=None, cu_seqlens_q=None,
+          cu_seqlens_k=None):  # fmt: skip
+        return q.new_empty(q.shape)
+
+    @torch.library.custom_op(f"{namespace}::attention_backward", mutates_args=())
+    def backward(
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        gate: Tensor,
+        needs: list[bool],
+        window: int,
+        scale: Optional[float] = None,  # noqa: UP045
+        cache_seqlens: Optional[Tensor] = None,  # noqa: UP045
+        cache_leftpad: Optional[Tensor] = None,  # noqa: UP045
+        cu_seqlens_q: Optional[Tensor] = None,  # noqa: UP045
+        cu_seqlens_k: Optional[Tensor] = None,  # noqa: UP045
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """dq, dk, dv, dgate (zeros for an input whose ``needs`` entry is False)."""
+        inputs = [x.detach().requires_grad_(need) for x, need in zip((q, k, v, gate), needs)]
+        # a custom op's kernel runs below autograd (its dispatch key excluded): let autograd record again
+        below = torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False)
+        with below, torch.enable_grad():
+            out = run(*inputs, window, scale, (cache_seqlens, cache_leftpad, cu_seqlens_q, cu_seqlens_k))
+            wanted = [x for x in inputs if x.requires_grad]
+            got = iter(torch.autograd.grad(out, wanted, dout, allow_unused=True) if wanted else ())
+        grads = []
+        for x, need in zip(inputs, needs):
+            g = next(got) if need else None
+            grads.append(torch.zeros_like(x) if g is None else g.to(x.dtype))
+        return tuple(g.clone() if _aliases(g, dout, q, k, v, gate) else g for g in grads)
+
+    @backward.register_fake
+    def _(dout, q, k, v, gate, needs, window, scale=None, cache_seqlens=None, cache_leftpad=None,
+          cu_seqlens_q=None, cu_seqlens_k=None):  # fmt: skip
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), gate.new_empty(gate.shape)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, gate, window, scale, *ragged = inputs
+        ctx.save_for_backward(q, k, v, gate, *(x for x in ragged if x is not None))
+        ctx.present = [x is not None for x in ragged]
+        ctx.window, ctx.scale = window, scale
+
+    def backward_rule(ctx, dout):
+        q, k, v, gate, *saved = ctx.saved_tensors
+        given = iter(saved)
+        ragged = [next(given) if there else None for there in ctx.present]
+        needs = list(ctx.needs_input_grad[:4])
+        dq, dk, dv, dgate = backward(dout, q, k, v, gate, needs, ctx.window, ctx.scale, *ragged)
+        grads = [g if need else None for g, need in zip((dq, dk, dv, dgate), needs)]
+        return *grads, None, None, *(None for _ in ragged)
+
+    forward.register_autograd(backward_rule, setup_context=setup_context)
+
+    def call(
+        q, k, v, gate, *, window, scale=None, cache_seqlens=None, cache_leftpad=None, cu_seqlens_q=None,
+        cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+    ):  # fmt: skip
+        del max_seqlen_q, max_seqlen_k  # hints only: the op reads the lengths from cu_seqlens
+        if gate.dtype == torch.bool:
+            gate = gate.to(q.dtype)
+        scale = None if scale is None else float(scale)
+        return forward(q, k, v, gate, int(window), scale, cache_seqlens, cache_leftpad, cu_seqlens_q, cu_seqlens_k)
+
+    call.forward, call.backward = forward, backward
+    return call
+
+
+def _aliases(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """True when x shares storage with one of ``others`` (a custom op's output must not)."""
+    ptr = x.untyped_storage().data_ptr()
+    return any(o.untyped_storage().data_ptr() == ptr for o in others if o.numel() and x.numel())
