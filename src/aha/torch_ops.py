@@ -277,6 +277,7 @@ def opaque_attention(namespace: str, fn):
         ragged = (cache_seqlens, cache_leftpad, cu_seqlens_q, cu_seqlens_k)
         with torch.no_grad():
             out = run(q.detach(), k.detach(), v.detach(), gate.detach(), window, scale, ragged)
+        out = out.contiguous()  # the fake's layout
         return out.clone() if _aliases(out, q, k, v, gate) else out
 
     @forward.register_fake
@@ -310,13 +311,14 @@ def opaque_attention(namespace: str, fn):
         grads = []
         for x, need in zip(inputs, needs):
             g = next(got) if need else None
-            grads.append(torch.zeros_like(x) if g is None else g.to(x.dtype))
+            grads.append(torch.zeros_like(x, memory_format=torch.contiguous_format) if g is None else g.to(x.dtype))
+        grads = [g.contiguous() for g in grads]  # the fake's layout
         return tuple(g.clone() if _aliases(g, dout, q, k, v, gate) else g for g in grads)
 
     @backward.register_fake
     def _(dout, q, k, v, gate, needs, window, scale=None, cache_seqlens=None, cache_leftpad=None,
           cu_seqlens_q=None, cu_seqlens_k=None):  # fmt: skip
-        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), gate.new_empty(gate.shape)
+        return tuple(x.new_empty(x.shape) for x in (q, k, v, gate))
 
     def setup_context(ctx, inputs, output):
         q, k, v, gate, window, scale, *ragged = inputs
