@@ -178,27 +178,30 @@ def _compiled_generate(m, x, config, new=8, **kw):
     )
 
 
-def test_compiled_greedy_generation_with_the_default_backends_gives_the_eager_tokens():
-    """aha's default backends branch on values (decode routing): dynamo breaks the graph there (slow to
-    trace: 4 new tokens)."""
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_fullgraph_compiled_greedy_generation_with_the_default_backends_gives_the_eager_tokens(backend):
+    """aha's default CPU backends trace as one custom op each, so every decode step is one graph; left
+    padding too (the 4-D mask generate() builds becomes cache_leftpad)."""
     m, x = model(), prompt()
+    set_backend(m, backend)
     want = m.generate(x, max_new_tokens=4, do_sample=False)
-    assert torch.equal(_compiled_generate(m, x, compile_config(fullgraph=False), new=4), want)
-    xs, mask = left_padded()  # left padding: the 4-D mask generate() builds becomes cache_leftpad
+    assert torch.equal(_compiled_generate(m, x, compile_config(fullgraph=True), new=4), want)
+    xs, mask = left_padded()
     want = m.generate(xs, attention_mask=mask, max_new_tokens=4, do_sample=False)
-    assert torch.equal(_compiled_generate(m, xs, compile_config(fullgraph=False), new=4, attention_mask=mask), want)
+    assert torch.equal(_compiled_generate(m, xs, compile_config(fullgraph=True), new=4, attention_mask=mask), want)
 
 
-@pytest.mark.parametrize("path", ["triton", "eager attention"])
+@pytest.mark.parametrize("path", ["triton", "cpu", "eager attention"])
 def test_fullgraph_compiled_generation_gives_the_eager_tokens_and_no_recompile_for_a_shorter_prompt(path):
-    """One graph per decode step: the triton backend traces whole (cache_seqlens included), and so does
-    the plain path of attn_implementation="eager"."""
+    """One graph per decode step: the triton and cpu backends trace as custom ops (cache_seqlens
+    included), and the plain path of attn_implementation="eager" traces whole."""
     m = model()
-    if path == "triton":
-        pytest.importorskip("triton")
-        set_backend(m, "triton")
-    else:
+    if path == "eager attention":
         m.set_attn_implementation("eager")
+    else:
+        if path == "triton":
+            pytest.importorskip("triton")
+        set_backend(m, path)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     aha.backends()
