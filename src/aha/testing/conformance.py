@@ -26,9 +26,10 @@ from aha.testing.checks import (
     allowed_error,
     assert_agree,
     assert_close,
-    branch_rounding,
+    branch_error,
     eager_attention,
     eager_branches,
+    eager_fused_grads,
     reference_forward,
     reference_grads,
     to_np,
@@ -48,7 +49,7 @@ from aha.testing.strategies import (
     packed_cases,
     padded_cases,
     ragged_edge_cases,
-    scales,
+    scale_factors,
 )
 from aha.torch_ops import all_mask, here_mask, mix
 from aha.window import position_offset
@@ -65,25 +66,35 @@ def _attend(be, inp, case, gate=None, **kw):
     return aha.attention(inp.q, inp.k, inp.v, gate, window=case.window, backend=be.name, **kw)
 
 
-def _draw(be, data, **kw) -> Case:
-    case = data.draw(aha_cases(be.caps, max_len=be.max_len, **kw), label="case")
+def _draw(be, data, max_len: int | None = None, **kw) -> Case:
+    """A case of ``aha_cases`` for the backend, at most ``max_len`` (and ``--aha-max-len``) keys long."""
+    max_len = be.max_len if max_len is None else min(max_len, be.max_len)
+    case = data.draw(aha_cases(be.caps, max_len=max_len, **kw), label="case")
     note(f"reproduce: make_inputs({case!r})")
     return case
 
 
 def _eager(inp: Inputs, window: int, scale=None, pieces=None, wrt=()):
-    """The same-dtype eager baseline of a low-precision problem: (out, grads, roundings).
+    """The same-dtype eager baselines of a low-precision problem: (out, grads, roundings).
 
-    grads: d sum(dout * out) / d ``wrt``; roundings: for each of ``wrt``, the ``rounding`` of
-    `assert_close` (`branch_rounding` for the gate, None otherwise).
+    grads: for each of ``wrt``, (torch autograd's, `eager_fused_grads`') gradient of sum(dout * out);
+    roundings: the ``rounding`` of `assert_close` (`branch_error` for the gate, None otherwise).
     """
-    out_all, out_here = eager_branches(inp.q, inp.k, inp.v, window, scale, pieces)
-    out = mix(inp.gate, out_all, out_here)
+    branches = eager_branches(inp.q, inp.k, inp.v, window, scale, pieces)
+    out = mix(inp.gate, *branches)
     if not wrt:
         return out, [], []
-    dtype = str(inp.q.dtype).removeprefix("torch.")
-    dgate = branch_rounding(inp.dout, out_all, out_here, dtype)
-    return out, list(_grads(out, wrt, inp.dout)), [dgate if x is inp.gate else None for x in wrt]
+    dgate = branch_error(inp.dout, branches, _exact_branches(inp, window, scale, pieces))
+    fused = eager_fused_grads(inp.q, inp.k, inp.v, inp.gate, inp.dout, window, scale, pieces)
+    by_input = {id(x): f for x, f in zip((inp.q, inp.k, inp.v, inp.gate), fused)}
+    grads = [(g, by_input[id(x)]) for x, g in zip(wrt, _grads(out, wrt, inp.dout))]
+    return out, grads, [dgate if x is inp.gate else None for x in wrt]
+
+
+def _exact_branches(inp: Inputs, window: int, scale=None, pieces=None):
+    """(All, Here) in float64, for `branch_error`."""
+    with torch.no_grad():
+        return eager_branches(*(x.double() for x in (inp.q, inp.k, inp.v)), window, scale, pieces)
 
 
 def check_forward(be, case: Case, scale: float | None = None) -> None:
@@ -141,15 +152,18 @@ def _pinned_scale_case(caps) -> Case:
     return Case(1, 4, 2, nq, 19, d, 5, "soft", dtype, seed=31)
 
 
-@given(data=st.data(), scale=scales())
-@example(data=None, scale=2.0)
-def test_scale_is_the_callers(aha_backend, data, scale):
-    """A non-default ``scale`` multiplies the scores: out and dq, dk, dv, dgate match the reference at that scale.
+@given(data=st.data(), factor=scale_factors())
+@example(data=None, factor=4.0)
+def test_scale_is_the_callers(aha_backend, data, factor):
+    """A non-default ``scale`` (``factor`` times 1/sqrt(D)) multiplies the scores: out and dq, dk, dv,
+    dgate match the reference at that scale.
 
-    The pinned example (``data=None``) runs `_pinned_scale_case` at scale 2.0 (8x the default at D=16).
+    The pinned example (``data=None``) runs `_pinned_scale_case` at 4x the default scale. Drawn problems
+    are at most 97 keys long (several tiles of a blocked kernel); longer ones run at the default scale.
     """
     be = aha_backend
-    case = _pinned_scale_case(be.caps) if data is None else _draw(be, data)
+    case = _pinned_scale_case(be.caps) if data is None else _draw(be, data, max_len=97)
+    scale = factor * case.D**-0.5
     note(f"scale={scale!r}")
     check_forward(be, case, scale)
     if be.caps.grad:
@@ -172,10 +186,10 @@ def test_route_gradient_reaches_logits(aha_backend, data):
     ref = reference.route_vjp(to_np(logits), dgate)
     base = rounding = None
     if _low(case.dtype):
-        out_all, out_here = eager_branches(inp.q, inp.k, inp.v, case.window)
-        (base,) = torch.autograd.grad(mix(aha.route(logits), out_all, out_here), [logits], inp.dout)
+        branches = eager_branches(inp.q, inp.k, inp.v, case.window)
+        (base,) = torch.autograd.grad(mix(aha.route(logits), *branches), [logits], inp.dout)
         s = torch.sigmoid(logits.detach().double())
-        rounding = branch_rounding(inp.dout, out_all, out_here, case.dtype) * to_np(s * (1 - s))
+        rounding = branch_error(inp.dout, branches, _exact_branches(inp, case.window)) * to_np(s * (1 - s))
     assert_close("dlogits", dlogits, ref, case.dtype, kind="grad", baseline=base, rounding=rounding)
 
 
@@ -365,9 +379,10 @@ def _check_cache_seqlens(be, case, inp, lens, scale=None, gate_grad: bool | None
     return out, k, v, seqlens
 
 
-def _maybe_scale(data):
-    """The default scale (None) or a drawn one."""
-    return data.draw(st.one_of(st.none(), scales()), label="scale")
+def _maybe_scale(data, d: int):
+    """The default scale (None) or a drawn one, for head dim ``d``."""
+    factor = data.draw(st.one_of(st.none(), scale_factors()), label="scale factor")
+    return None if factor is None else factor * d**-0.5
 
 
 @given(data=st.data())
@@ -383,7 +398,7 @@ def test_cache_seqlens_read_only_each_sequence_s_keys(aha_backend, data):
     note(f"with B={case.B}: {case!r}")
     inp = make_inputs(case, aha_backend.device)
     lens = [data.draw(st.integers(case.Nq, case.Nk), label=f"len{b}") for b in range(case.B)]
-    _check_cache_seqlens(aha_backend, case, inp, lens, _maybe_scale(data), _gate_grad(data, case))
+    _check_cache_seqlens(aha_backend, case, inp, lens, _maybe_scale(data, case.D), _gate_grad(data, case))
 
 
 @given(data=st.data())
@@ -391,7 +406,7 @@ def test_decode_steps_with_cache_seqlens(aha_backend, data):
     """A batch of few new queries (decode, 1..8) against caches of different lengths, hard gates.
 
     NaN past each L_b is never read; a NaN key below every Here window reaches no Here token.
-    Gradients too (if ``grad``): keys past L_b get exactly zero dk and dv.
+    Gradients too (if ``grad``, in the examples that draw them): keys past L_b get exactly zero dk and dv.
     """
     if not (aha_backend.caps.seqlens and aha_backend.caps.cross):
         return
@@ -401,8 +416,9 @@ def test_decode_steps_with_cache_seqlens(aha_backend, data):
     note(f"with B and Nq drawn: {case!r}")
     inp = make_inputs(case, aha_backend.device)
     lens = [data.draw(st.integers(nq, case.Nk), label=f"len{b}") for b in range(case.B)]
-    scale = _maybe_scale(data)
-    out, k, v, seqlens = _check_cache_seqlens(aha_backend, case, inp, lens, scale, _gate_grad(data, case))
+    scale = _maybe_scale(data, case.D)
+    gate_grad = _gate_grad(data, case) if data.draw(st.booleans(), label="gradients too") else None
+    out, k, v, seqlens = _check_cache_seqlens(aha_backend, case, inp, lens, scale, gate_grad)
     below = min(lens) - nq - case.window + 1  # keys [0, below) lie below every Here window
     if below > 0:
         k[:, :, data.draw(st.integers(0, below - 1), label="poisoned key")] = float("nan")
@@ -537,7 +553,7 @@ def test_packed_batch_equals_each_sequence_alone(aha_backend, data):
     """Packed sequences (cu_seqlens_q / cu_seqlens_k) give what each sequence gives alone, gradients too."""
     if aha_backend.caps.packed:
         pc = _draw_ragged(aha_backend, data, packed_cases)
-        check_ragged(aha_backend, pc, gate_grad=_gate_grad(data, pc), scale=_maybe_scale(data))
+        check_ragged(aha_backend, pc, gate_grad=_gate_grad(data, pc), scale=_maybe_scale(data, pc.case.D))
 
 
 @given(data=st.data())
@@ -545,7 +561,7 @@ def test_left_padded_rows_equal_their_sequences_alone(aha_backend, data):
     """Row b with cache_leftpad (and cache_seqlens) is its sequence k[b, :, lp:L] alone; padding queries give 0."""
     if aha_backend.caps.leftpad:
         pc = _draw_ragged(aha_backend, data, padded_cases)
-        check_ragged(aha_backend, pc, gate_grad=_gate_grad(data, pc), scale=_maybe_scale(data))
+        check_ragged(aha_backend, pc, gate_grad=_gate_grad(data, pc), scale=_maybe_scale(data, pc.case.D))
 
 
 def test_ragged_edge_cases(aha_backend):
