@@ -4,14 +4,15 @@ Third-party backend authors run the same suite as the built-in backends:
 
     python -m aha conformance --backend mybackend
 
-or reuse the pieces: ``aha_cases`` and ``make_inputs`` draw problems,
+or reuse the pieces: ``aha_cases`` and ``make_inputs`` draw problems (``edge_cases`` and
+``long_cases`` pin some, ``scale_factors`` draws softmax scales),
 ``assert_close`` compares with the float64 reference under the documented
 per-dtype tolerances.
 """
 
-from aha.testing.strategies import Case, Inputs, aha_cases, edge_cases, make_inputs
+from aha.testing.strategies import Case, Inputs, aha_cases, edge_cases, long_cases, make_inputs, scale_factors
 
-__all__ = ["Case", "Inputs", "aha_cases", "edge_cases", "make_inputs", "run_conformance"]
+__all__ = ["Case", "Inputs", "aha_cases", "edge_cases", "long_cases", "make_inputs", "scale_factors", "run_conformance"]
 
 
 def run_conformance(backends=(), extra_args=()) -> int:

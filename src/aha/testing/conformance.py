@@ -12,25 +12,31 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, note, settings
+from hypothesis import HealthCheck, example, note, settings
 from hypothesis import given as _given
 from hypothesis import strategies as st
 
 import aha
 from aha import reference
+from aha.sequences import Segment, segments
 from aha.testing.checks import (
     allowed_error,
     assert_agree,
     assert_close,
+    branch_error,
     eager_attention,
+    eager_branches,
+    eager_fused_grads,
     reference_forward,
     reference_grads,
     to_np,
 )
 from aha.testing.golden import golden_cases, golden_ragged_cases
 from aha.testing.strategies import (
+    TEST_DTYPES,
     Case,
     Inputs,
     PackedCase,
@@ -38,12 +44,14 @@ from aha.testing.strategies import (
     aha_cases,
     decode_cases,
     edge_cases,
+    long_cases,
     make_inputs,
     packed_cases,
     padded_cases,
     ragged_edge_cases,
+    scale_factors,
 )
-from aha.torch_ops import all_mask, here_mask
+from aha.torch_ops import all_mask, here_mask, mix
 from aha.window import position_offset
 
 
@@ -58,31 +66,58 @@ def _attend(be, inp, case, gate=None, **kw):
     return aha.attention(inp.q, inp.k, inp.v, gate, window=case.window, backend=be.name, **kw)
 
 
-def _draw(be, data, **kw) -> Case:
-    case = data.draw(aha_cases(be.caps, max_len=be.max_len, **kw), label="case")
+def _draw(be, data, max_len: int | None = None, **kw) -> Case:
+    """A case of ``aha_cases`` for the backend, at most ``max_len`` (and ``--aha-max-len``) keys long."""
+    max_len = be.max_len if max_len is None else min(max_len, be.max_len)
+    case = data.draw(aha_cases(be.caps, max_len=max_len, **kw), label="case")
     note(f"reproduce: make_inputs({case!r})")
     return case
 
 
-def check_forward(be, case: Case) -> None:
+def _eager(inp: Inputs, window: int, scale=None, pieces=None, wrt=()):
+    """The same-dtype eager baselines of a low-precision problem: (out, grads, roundings).
+
+    grads: for each of ``wrt``, (torch autograd's, `eager_fused_grads`') gradient of sum(dout * out);
+    roundings: the ``rounding`` of `assert_close` (`branch_error` for the gate, None otherwise).
+    """
+    branches = eager_branches(inp.q, inp.k, inp.v, window, scale, pieces)
+    out = mix(inp.gate, *branches)
+    if not wrt:
+        return out, [], []
+    dgate = branch_error(inp.dout, branches, _exact_branches(inp, window, scale, pieces))
+    fused = eager_fused_grads(inp.q, inp.k, inp.v, inp.gate, inp.dout, window, scale, pieces)
+    by_input = {id(x): f for x, f in zip((inp.q, inp.k, inp.v, inp.gate), fused)}
+    grads = [(g, by_input[id(x)]) for x, g in zip(wrt, _grads(out, wrt, inp.dout))]
+    return out, grads, [dgate if x is inp.gate else None for x in wrt]
+
+
+def _exact_branches(inp: Inputs, window: int, scale=None, pieces=None):
+    """(All, Here) in float64, for `branch_error`."""
+    with torch.no_grad():
+        return eager_branches(*(x.double() for x in (inp.q, inp.k, inp.v)), window, scale, pieces)
+
+
+def check_forward(be, case: Case, scale: float | None = None) -> None:
+    """``out`` of ``case`` (at softmax ``scale``; None: 1/sqrt(D)) against the reference."""
     inp = make_inputs(case, be.device)
-    out = _attend(be, inp, case)
+    out = _attend(be, inp, case, scale=scale)
     assert out.dtype == inp.q.dtype and out.device == inp.q.device
-    base = eager_attention(inp.q, inp.k, inp.v, inp.gate, case.window) if case.dtype in ("float16", "bfloat16") else None
-    assert_close("out", out, reference_forward(inp, case.window), case.dtype, baseline=base)
+    base = eager_attention(inp.q, inp.k, inp.v, inp.gate, case.window, scale) if case.dtype in ("float16", "bfloat16") else None
+    assert_close("out", out, reference_forward(inp, case.window, scale), case.dtype, baseline=base)
 
 
-def check_gradients(be, case: Case, gate_grad: bool = True) -> None:
+def check_gradients(be, case: Case, gate_grad: bool = True, scale: float | None = None) -> None:
+    """dq, dk, dv (and dgate if ``gate_grad``) of ``case`` against the reference VJP."""
     inp = make_inputs(case, be.device, requires_grad=True)
     inp.gate.requires_grad_(gate_grad)
     wrt = [inp.q, inp.k, inp.v] + ([inp.gate] if gate_grad else [])
-    got = torch.autograd.grad(_attend(be, inp, case), wrt, inp.dout)
-    ref = reference_grads(inp, case.window)
-    base = [None] * 4
-    if case.dtype in ("float16", "bfloat16"):
-        base = torch.autograd.grad(eager_attention(inp.q, inp.k, inp.v, inp.gate, case.window), wrt, inp.dout)
-    for name, g, r, b in zip(("dq", "dk", "dv", "dgate"), got, ref, base):
-        assert_close(name, g, r, case.dtype, kind="grad", baseline=b)
+    got = torch.autograd.grad(_attend(be, inp, case, scale=scale), wrt, inp.dout)
+    ref = reference_grads(inp, case.window, scale)
+    bases, roundings = [None] * 4, [None] * 4
+    if _low(case.dtype):
+        _, bases, roundings = _eager(inp, case.window, scale, wrt=wrt)
+    for name, g, r, b, rnd in zip(_NAMES, got, ref, bases, roundings):
+        assert_close(name, g, r, case.dtype, kind="grad", baseline=b, rounding=rnd)
 
 
 @given(data=st.data())
@@ -109,6 +144,32 @@ def test_gradient_edge_cases(aha_backend):
             check_gradients(aha_backend, case)
 
 
+def _pinned_scale_case(caps) -> Case:
+    """The problem of the scale property's pinned example: GQA, a soft gate, Nq < Nk if ``cross``."""
+    d = max(caps.head_dims[0], min(16, caps.head_dims[1]))
+    dtype = next(t for t in TEST_DTYPES if t in caps.dtypes)
+    nq = 7 if caps.cross else 19
+    return Case(1, 4, 2, nq, 19, d, 5, "soft", dtype, seed=31)
+
+
+@given(data=st.data(), factor=scale_factors())
+@example(data=None, factor=4.0)
+def test_scale_is_the_callers(aha_backend, data, factor):
+    """A non-default ``scale`` (``factor`` times 1/sqrt(D)) multiplies the scores: out and dq, dk, dv,
+    dgate match the reference at that scale.
+
+    The pinned example (``data=None``) runs `_pinned_scale_case` at 4x the default scale. Drawn problems
+    are at most 97 keys long (several tiles of a blocked kernel); longer ones run at the default scale.
+    """
+    be = aha_backend
+    case = _pinned_scale_case(be.caps) if data is None else _draw(be, data, max_len=97)
+    scale = factor * case.D**-0.5
+    note(f"scale={scale!r}")
+    check_forward(be, case, scale)
+    if be.caps.grad:
+        check_gradients(be, case, gate_grad=True, scale=scale)
+
+
 @given(data=st.data())
 def test_route_gradient_reaches_logits(aha_backend, data):
     """d loss / d logits through aha.route (straight-through) matches the reference."""
@@ -123,11 +184,13 @@ def test_route_gradient_reaches_logits(aha_backend, data):
     hard = reference.route(to_np(logits))
     _, _, _, dgate = reference.attention_vjp(to_np(inp.q), to_np(inp.k), to_np(inp.v), hard, case.window, to_np(inp.dout))
     ref = reference.route_vjp(to_np(logits), dgate)
-    base = None
-    if case.dtype in ("float16", "bfloat16"):
-        out = eager_attention(inp.q, inp.k, inp.v, aha.route(logits), case.window)
-        (base,) = torch.autograd.grad(out, [logits], inp.dout)
-    assert_close("dlogits", dlogits, ref, case.dtype, kind="grad", baseline=base)
+    base = rounding = None
+    if _low(case.dtype):
+        branches = eager_branches(inp.q, inp.k, inp.v, case.window)
+        (base,) = torch.autograd.grad(mix(aha.route(logits), *branches), [logits], inp.dout)
+        s = torch.sigmoid(logits.detach().double())
+        rounding = branch_error(inp.dout, branches, _exact_branches(inp, case.window)) * to_np(s * (1 - s))
+    assert_close("dlogits", dlogits, ref, case.dtype, kind="grad", baseline=base, rounding=rounding)
 
 
 def _oracle(inp, mask) -> np.ndarray:
@@ -214,22 +277,46 @@ def test_large_inputs_stay_finite(aha_backend, data):
     assert torch.isfinite(out).all()
 
 
+def golden_dtype(caps) -> str:
+    """The dtype the golden vectors run in: the most precise one the backend declares.
+
+    float16 / bfloat16 are compared as everywhere else: the error against the float64 vectors
+    may be at most 2x that of an eager computation in the same dtype, plus a rounding floor.
+    """
+    return next(t for t in TEST_DTYPES if t in caps.dtypes)
+
+
+def _fits_golden(caps, g: dict) -> bool:
+    lo, hi = caps.head_dims
+    return lo <= g["q"].shape[-1] <= hi and (g["q"].shape[2] == g["k"].shape[2] or caps.cross)
+
+
+def check_golden(be, name: str, g: dict, ragged: dict | None = None) -> None:
+    """One golden case (arrays ``g``, ragged-batch arrays ``ragged``) in `golden_dtype`: forward and gradients."""
+    dtype = golden_dtype(be.caps)
+    ragged = ragged or {}
+    t = {key: torch.from_numpy(g[key]).to(be.device, getattr(torch, dtype)) for key in ("q", "k", "v", "gate", "dout")}
+    wrt = [t[key].requires_grad_(be.caps.grad) for key in ("q", "k", "v", "gate")]
+    kw = {key: torch.from_numpy(x).to(be.device) for key, x in ragged.items()}
+    out = aha.attention(*wrt, window=int(g["window"]), backend=be.name, **kw)
+    base, bases, roundings = None, [None] * 4, [None] * 4
+    if _low(dtype):  # the same-dtype eager baseline, each sequence on its own slices
+        (b, _, nq, _), nk = t["q"].shape, t["k"].shape[2]
+        pieces = segments(b, nq, nk, **{key: x.tolist() for key, x in ragged.items()}) if ragged else None
+        base, bases, roundings = _eager(Inputs(*wrt, t["dout"]), int(g["window"]), pieces=pieces, wrt=wrt if be.caps.grad else ())
+    assert_close(f"{name}/out", out, g["out"], dtype, baseline=base)
+    if be.caps.grad:
+        for key, got, b, rnd in zip(_NAMES, _grads(out, wrt, t["dout"]), bases, roundings):
+            assert_close(f"{name}/{key}", got, g[key], dtype, kind="grad", baseline=b, rounding=rnd)
+
+
 def test_golden_vectors(aha_backend):
-    """Cases computed by an independent float64 implementation (shared/vectors)."""
-    dtype = "float64" if "float64" in aha_backend.caps.dtypes else "float32"
-    lo, hi = aha_backend.caps.head_dims
-    for name, g in golden_cases():
-        if not lo <= g["q"].shape[-1] <= hi or (g["q"].shape[2] < g["k"].shape[2] and not aha_backend.caps.cross):
-            continue
-        t = {key: torch.from_numpy(g[key]).to(aha_backend.device, getattr(torch, dtype)) for key in ("q", "k", "v", "gate", "dout")}
-        for key in ("q", "k", "v", "gate"):
-            t[key].requires_grad_(aha_backend.caps.grad)
-        out = aha.attention(t["q"], t["k"], t["v"], t["gate"], window=int(g["window"]), backend=aha_backend.name)
-        assert_close(f"{name}/out", out, g["out"], dtype)
-        if aha_backend.caps.grad:
-            grads = torch.autograd.grad(out, [t["q"], t["k"], t["v"], t["gate"]], t["dout"])
-            for key, got in zip(("dq", "dk", "dv", "dgate"), grads):
-                assert_close(f"{name}/{key}", got, g[key], dtype, kind="grad")
+    """Cases computed by an independent float64 implementation (vectors/), in `golden_dtype`."""
+    fitting = [(name, g) for name, g in golden_cases() if _fits_golden(aha_backend.caps, g)]
+    if not fitting:
+        pytest.skip(f"no golden case fits the head dims {aha_backend.caps.head_dims} of {aha_backend.name!r}")
+    for name, g in fitting:
+        check_golden(aha_backend, name, g)
 
 
 def _chunks(data, n: int) -> list[int]:
@@ -258,34 +345,60 @@ def test_prefill_then_decode_equals_one_full_pass(aha_backend, data):
     torch.testing.assert_close(torch.cat(rows, dim=2), full, rtol=tol, atol=tol)
 
 
-def _check_cache_seqlens(be, case, inp, lens):
-    """Forward with cache_seqlens = lens and NaN / inf past each L_b, checked against the reference.
+def _check_cache_seqlens(be, case, inp, lens, scale=None, gate_grad: bool | None = None):
+    """cache_seqlens = lens (each >= Nq) with NaN / inf in k and v past each L_b, against the reference.
 
+    The forward runs without grad (the path decoding takes). If the backend declares ``grad``
+    and ``gate_grad`` is not None, a second run checks dq, dk, dv (and dgate if ``gate_grad``):
+    exactly zero dk and dv past L_b, the rest as the reference VJP.
     Returns (out, k, v, seqlens): the output and the poisoned keys, values and lengths.
     """
     k, v = inp.k.clone(), inp.v.clone()
     for b, n in enumerate(lens):
         k[b, :, n:], v[b, :, n:] = float("nan"), float("inf")
     seqlens = torch.tensor(lens, device=inp.q.device)
-    out = aha.attention(inp.q, k, v, inp.gate, window=case.window, cache_seqlens=seqlens, backend=be.name)
-    ref = reference.attention(to_np(inp.q), to_np(k), to_np(v), to_np(inp.gate), case.window, cache_seqlens=lens)
-    base = None
-    if case.dtype in ("float16", "bfloat16"):
-        base = torch.cat([eager_attention(inp.q[b : b + 1], inp.k[b : b + 1, :, :n], inp.v[b : b + 1, :, :n], inp.gate[b : b + 1], case.window) for b, n in enumerate(lens)])
+    poisoned = replace(inp, k=k, v=v)
+    out = _attend(be, poisoned, case, cache_seqlens=seqlens, scale=scale)
+    ref = reference_forward(poisoned, case.window, scale, cache_seqlens=lens)
+    pieces = [Segment(b, 0, case.Nq, 0, n) for b, n in enumerate(lens)]
+    grads = be.caps.grad and gate_grad is not None
+    clean, clean_wrt = _leaves(inp, be, bool(gate_grad))
+    base, bases, roundings = None, [None] * 4, [None] * 4
+    if _low(case.dtype):
+        base, bases, roundings = _eager(clean, case.window, scale, pieces, clean_wrt if grads else ())
     assert_close("out", out, ref, case.dtype, baseline=base)
+    if grads:
+        leaves, wrt = _leaves(poisoned, be, gate_grad)
+        got = _grads(_attend(be, leaves, case, cache_seqlens=seqlens, scale=scale), wrt, inp.dout)
+        past = torch.arange(case.Nk, device=seqlens.device)[None, :] >= seqlens[:, None]  # (B, Nk)
+        for name, g in zip(("dk", "dv"), got[1:3]):
+            assert not _tokens(g, past).any(), f"{name}: a key past cache_seqlens[b] got a nonzero gradient (cache_seqlens={lens})"
+        refs = reference_grads(poisoned, case.window, scale, cache_seqlens=lens)
+        for name, g, r, b, rnd in zip(_NAMES, got, refs, bases, roundings):
+            assert_close(f"{name} (cache_seqlens={lens})", g, r, case.dtype, kind="grad", baseline=b, rounding=rnd)
     return out, k, v, seqlens
+
+
+def _maybe_scale(data, d: int):
+    """The default scale (None) or a drawn one, for head dim ``d``."""
+    factor = data.draw(st.one_of(st.none(), scale_factors()), label="scale factor")
+    return None if factor is None else factor * d**-0.5
 
 
 @given(data=st.data())
 def test_cache_seqlens_read_only_each_sequence_s_keys(aha_backend, data):
-    """With cache_seqlens, sequence b reads k[b, :, :L_b] only: NaN past it changes nothing."""
+    """With cache_seqlens, sequence b reads k[b, :, :L_b] only: NaN past it changes nothing.
+
+    Gradients too (if ``grad``): keys past L_b get exactly zero dk and dv.
+    """
     if not aha_backend.caps.seqlens:
         return
     case = _draw(aha_backend, data)
     case = replace(case, B=max(case.B, 2))
+    note(f"with B={case.B}: {case!r}")
     inp = make_inputs(case, aha_backend.device)
     lens = [data.draw(st.integers(case.Nq, case.Nk), label=f"len{b}") for b in range(case.B)]
-    _check_cache_seqlens(aha_backend, case, inp, lens)
+    _check_cache_seqlens(aha_backend, case, inp, lens, _maybe_scale(data, case.D), _gate_grad(data, case))
 
 
 @given(data=st.data())
@@ -293,23 +406,45 @@ def test_decode_steps_with_cache_seqlens(aha_backend, data):
     """A batch of few new queries (decode, 1..8) against caches of different lengths, hard gates.
 
     NaN past each L_b is never read; a NaN key below every Here window reaches no Here token.
+    Gradients too (if ``grad``, in the examples that draw them): keys past L_b get exactly zero dk and dv.
     """
     if not (aha_backend.caps.seqlens and aha_backend.caps.cross):
         return
     case = _draw(aha_backend, data, gates=("here", "random", "all"))
     nq = data.draw(st.integers(1, min(8, case.Nk)), label="Nq")
     case = replace(case, B=data.draw(st.integers(2, 4), label="B"), Nq=nq)
+    note(f"with B and Nq drawn: {case!r}")
     inp = make_inputs(case, aha_backend.device)
     lens = [data.draw(st.integers(nq, case.Nk), label=f"len{b}") for b in range(case.B)]
-    out, k, v, seqlens = _check_cache_seqlens(aha_backend, case, inp, lens)
+    scale = _maybe_scale(data, case.D)
+    gate_grad = _gate_grad(data, case) if data.draw(st.booleans(), label="gradients too") else None
+    out, k, v, seqlens = _check_cache_seqlens(aha_backend, case, inp, lens, scale, gate_grad)
     below = min(lens) - nq - case.window + 1  # keys [0, below) lie below every Here window
     if below > 0:
         k[:, :, data.draw(st.integers(0, below - 1), label="poisoned key")] = float("nan")
         here = inp.gate == 0
-        out1 = aha.attention(inp.q, k, v, inp.gate, window=case.window, cache_seqlens=seqlens, backend=aha_backend.name)
+        out1 = aha.attention(inp.q, k, v, inp.gate, window=case.window, scale=scale, cache_seqlens=seqlens, backend=aha_backend.name)
         assert torch.isfinite(out1[here]).all(), "a Here token read a key below its window"
         tol = _LOCALITY_TOL[case.dtype]
         torch.testing.assert_close(out1[here], out[here], rtol=tol, atol=tol)
+
+
+def test_long_sequences(aha_backend):
+    """Pinned problems of 1000+ keys (`long_cases`), run whatever ``--aha-max-len`` says: forward and gradients.
+
+    A kernel wrong only past its first tiles fails here even when every drawn problem is short.
+    """
+    be = aha_backend
+    for lc in long_cases(be.caps):
+        try:
+            if lc.seqlens is not None:
+                _check_cache_seqlens(be, lc.case, make_inputs(lc.case, be.device), list(lc.seqlens), gate_grad=True)
+                continue
+            check_forward(be, lc.case)
+            if be.caps.grad:
+                check_gradients(be, lc.case)
+        except AssertionError as e:
+            raise AssertionError(f"reproduce: {lc!r}\n{e}") from e
 
 
 # Ragged batches: packed sequences (cu_seqlens_q / cu_seqlens_k) and left-padded rows
@@ -342,12 +477,13 @@ def _grads(out, wrt, dout) -> tuple:
     return torch.autograd.grad(out, wrt, dout, allow_unused=True, materialize_grads=True)
 
 
-def _alone(be, inp: Inputs, window: int, pieces):
+def _alone(be, inp: Inputs, window: int, pieces, scale=None):
     """Each sequence run alone through the backend, its output placed at its queries (zeros elsewhere)."""
     out = torch.zeros_like(inp.q)
     for p in pieces:
         b, qs, ks = slice(p.batch, p.batch + 1), slice(p.q_lo, p.q_hi), slice(p.k_lo, p.k_hi)
-        one = aha.attention(inp.q[b, :, qs], inp.k[b, :, ks], inp.v[b, :, ks], inp.gate[b, :, qs], window=window, backend=be.name)
+        q, k, v, gate = inp.q[b, :, qs], inp.k[b, :, ks], inp.v[b, :, ks], inp.gate[b, :, qs]
+        one = aha.attention(q, k, v, gate, window=window, scale=scale, backend=be.name)
         out[b, :, qs] = one
     return out
 
@@ -371,21 +507,23 @@ def _low(dtype: str) -> bool:
     return dtype in ("float16", "bfloat16")
 
 
-def check_ragged(be, rc: PackedCase | PaddedCase, gate_grad: bool = True) -> None:
+def check_ragged(be, rc: PackedCase | PaddedCase, gate_grad: bool = True, scale: float | None = None) -> None:
     """A ragged batch against each of its sequences run alone (same backend) and against the reference.
 
-    Forward and, if the backend declares ``grad``, dq, dk, dv (and dgate if ``gate_grad``).
-    Queries of no sequence output exactly 0 and get exactly zero gradient; so do keys that no
-    sequence owns.
+    Forward and, if the backend declares ``grad``, dq, dk, dv (and dgate if ``gate_grad``), at
+    softmax ``scale`` (None: 1/sqrt(D)). Queries of no sequence output exactly 0 and get exactly
+    zero gradient; so do keys that no sequence owns.
     """
     case, pieces = rc.case, rc.pieces()
     inp, wrt = _leaves(make_inputs(case, be.device), be, gate_grad)
     ragged = rc.ragged(be.device)
-    out = _attend(be, inp, case, **ragged)
+    out = _attend(be, inp, case, scale=scale, **ragged)
     assert out.shape == inp.q.shape and out.dtype == inp.q.dtype and out.device == inp.q.device
-    alone = _alone(be, inp, case.window, pieces)
-    ref = reference_forward(inp, case.window, **ragged)
-    base = eager_attention(inp.q, inp.k, inp.v, inp.gate, case.window, pieces=pieces) if _low(case.dtype) else None
+    alone = _alone(be, inp, case.window, pieces, scale)
+    ref = reference_forward(inp, case.window, scale, **ragged)
+    base, bases, roundings = None, [None] * 4, [None] * 4
+    if _low(case.dtype):
+        base, bases, roundings = _eager(inp, case.window, scale, pieces, wrt)
     assert_close("out", out, ref, case.dtype, baseline=base)
     assert_agree("out against each sequence alone", out, alone, case.dtype, ref=ref, baseline=base)
     real_q, real_k = _owned(pieces, inp.q.shape, inp.k.shape, out.device)
@@ -393,18 +531,21 @@ def check_ragged(be, rc: PackedCase | PaddedCase, gate_grad: bool = True) -> Non
     if not wrt:
         return
     got, want = _grads(out, wrt, inp.dout), _grads(alone, wrt, inp.dout)
-    refs = reference_grads(inp, case.window, **ragged)
-    bases = _grads(base, wrt, inp.dout) if base is not None else [None] * len(wrt)
-    for name, g, w, r, b in zip(_NAMES, got, want, refs, bases):
-        assert_close(name, g, r, case.dtype, kind="grad", baseline=b)
-        assert_agree(f"{name} against each sequence alone", g, w, case.dtype, kind="grad", ref=r, baseline=b)
+    refs = reference_grads(inp, case.window, scale, **ragged)
+    for name, g, w, r, b, rnd in zip(_NAMES, got, want, refs, bases, roundings):
+        assert_close(name, g, r, case.dtype, kind="grad", baseline=b, rounding=rnd)
+        assert_agree(f"{name} against each sequence alone", g, w, case.dtype, kind="grad", ref=r, baseline=b, rounding=rnd)
         unowned = ~(real_k if name in ("dk", "dv") else real_q)
         assert not _tokens(g, unowned).any(), f"{name}: a padding query or a key of no sequence got a gradient"
 
 
-def _gate_grad(data, rc) -> bool:
-    """Whether the gate requires grad: always for a soft gate (training), drawn otherwise."""
-    return rc.case.gate == "soft" or data.draw(st.booleans(), label="gate_grad")
+def _gate_grad(data, case) -> bool:
+    """Whether the gate requires grad: always for a soft gate (training), drawn otherwise.
+
+    ``case``: a `Case`, or a ragged case holding one as ``.case``.
+    """
+    case = getattr(case, "case", case)
+    return case.gate == "soft" or data.draw(st.booleans(), label="gate_grad")
 
 
 @given(data=st.data())
@@ -412,7 +553,7 @@ def test_packed_batch_equals_each_sequence_alone(aha_backend, data):
     """Packed sequences (cu_seqlens_q / cu_seqlens_k) give what each sequence gives alone, gradients too."""
     if aha_backend.caps.packed:
         pc = _draw_ragged(aha_backend, data, packed_cases)
-        check_ragged(aha_backend, pc, gate_grad=_gate_grad(data, pc))
+        check_ragged(aha_backend, pc, gate_grad=_gate_grad(data, pc), scale=_maybe_scale(data, pc.case.D))
 
 
 @given(data=st.data())
@@ -420,7 +561,7 @@ def test_left_padded_rows_equal_their_sequences_alone(aha_backend, data):
     """Row b with cache_leftpad (and cache_seqlens) is its sequence k[b, :, lp:L] alone; padding queries give 0."""
     if aha_backend.caps.leftpad:
         pc = _draw_ragged(aha_backend, data, padded_cases)
-        check_ragged(aha_backend, pc, gate_grad=_gate_grad(data, pc))
+        check_ragged(aha_backend, pc, gate_grad=_gate_grad(data, pc), scale=_maybe_scale(data, pc.case.D))
 
 
 def test_ragged_edge_cases(aha_backend):
@@ -561,24 +702,10 @@ def test_prefill_then_decode_on_a_left_padded_ragged_cache(aha_backend, data):
 
 
 def test_golden_ragged_vectors(aha_backend):
-    """Packed and left-padded cases computed by an independent float64 implementation (vectors/ragged_*)."""
+    """Packed and left-padded cases computed by an independent float64 implementation (vectors/ragged_*), in `golden_dtype`."""
     be = aha_backend
-    dtype = "float64" if "float64" in be.caps.dtypes else "float32"
-    lo, hi = be.caps.head_dims
+    needs = {"cu_seqlens_q": "packed", "cache_leftpad": "leftpad", "cache_seqlens": "seqlens"}
     for name, g in golden_ragged_cases():
         ragged = {key: g[key] for key in ("cu_seqlens_q", "cu_seqlens_k", "cache_leftpad", "cache_seqlens") if key in g}
-        needs = {"cu_seqlens_q": "packed", "cache_leftpad": "leftpad", "cache_seqlens": "seqlens"}
-        if not all(getattr(be.caps, needs[key]) for key in ragged if key in needs):
-            continue
-        if not lo <= g["q"].shape[-1] <= hi or (g["q"].shape[2] < g["k"].shape[2] and not be.caps.cross):
-            continue
-        t = {key: torch.from_numpy(g[key]).to(be.device, getattr(torch, dtype)) for key in ("q", "k", "v", "gate", "dout")}
-        for key in ("q", "k", "v", "gate"):
-            t[key].requires_grad_(be.caps.grad)
-        kw = {key: torch.from_numpy(x).to(be.device) for key, x in ragged.items()}
-        out = aha.attention(t["q"], t["k"], t["v"], t["gate"], window=int(g["window"]), backend=be.name, **kw)
-        assert_close(f"{name}/out", out, g["out"], dtype)
-        if be.caps.grad:
-            grads = _grads(out, [t["q"], t["k"], t["v"], t["gate"]], t["dout"])
-            for key, got in zip(_NAMES, grads):
-                assert_close(f"{name}/{key}", got, g[key], dtype, kind="grad")
+        if all(getattr(be.caps, needs[key]) for key in ragged if key in needs) and _fits_golden(be.caps, g):
+            check_golden(be, name, g, ragged)

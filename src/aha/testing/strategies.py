@@ -26,6 +26,9 @@ __all__ = [
     "aha_cases",
     "make_inputs",
     "edge_cases",
+    "long_cases",
+    "LongCase",
+    "scale_factors",
     "GATE_KINDS",
     "TEST_DTYPES",
     "PackedCase",
@@ -113,6 +116,44 @@ def edge_cases(caps: Capabilities, dtype: str | None = None) -> list[Case]:
     if caps.cross:
         cases += [replace(base, Nq=1, Nk=33, window=5), replace(base, Nq=5, Nk=23, window=6)]
     return cases
+
+
+@dataclass(frozen=True)
+class LongCase:
+    """A pinned long problem: ``case``, and ``seqlens`` (cache_seqlens per row) or None."""
+
+    case: Case
+    seqlens: tuple[int, ...] | None = None
+
+
+def long_cases(caps: Capabilities, dtype: str | None = None) -> list[LongCase]:
+    """Pinned problems of 1000+ keys at small H and D, run whatever the drawn maximum length.
+
+    A kernel that goes wrong only past its first tiles (256 keys, say) fails here even when
+    ``--aha-max-len`` keeps every drawn problem short: a hard and a soft gate, windows well
+    below the length, fewer queries than keys (if ``cross``), and a decode step against caches
+    of different lengths (if ``seqlens`` and ``cross``).
+    """
+    dtype = dtype or next(t for t in TEST_DTYPES if t in caps.dtypes)
+    d = max(caps.head_dims[0], min(16, caps.head_dims[1]))
+    base = Case(1, 1, 1, 1031, 1031, d, 37, "random", dtype, seed=21, all_share=0.3)
+    cases = [LongCase(base)]
+    if caps.cross:
+        cases.append(LongCase(replace(base, Hq=2, Nq=24, Nk=1100, window=300, gate="soft", seed=22)))
+        if caps.seqlens:
+            decode = replace(base, B=2, Hq=2, Nq=2, Nk=1060, window=29, seed=23, all_share=0.5)
+            cases.append(LongCase(decode, (1060, 611)))
+    else:
+        cases.append(LongCase(replace(base, Hq=2, Nq=1100, Nk=1100, window=300, gate="soft", seed=22)))
+    return cases
+
+
+def scale_factors():
+    """Softmax scales as multiples of the default 1/sqrt(D), 0.1 to 4: a backend must use the caller's ``scale``.
+
+    (Far beyond 4x the softmax saturates, and float16/bfloat16 gradients become rounding noise.)
+    """
+    return st.one_of(st.sampled_from((0.1, 0.5, 2.0, 4.0)), st.floats(0.1, 4.0))
 
 
 def make_inputs(case: Case, device="cpu", requires_grad: bool = False) -> Inputs:
