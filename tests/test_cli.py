@@ -102,3 +102,20 @@ def test_conformance_without_hypothesis_says_which_extra_to_install():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stdout + res.stderr
     assert "pip install 'aha-attention[testing]'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_convert_names_a_missing_checkpoint_and_runs_without_a_runpy_warning():
+    pytest.importorskip("transformers")
+    res = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "aha.hf.convert", "/nonexistent/ckpt", "/tmp/aha-out", "--window", "16"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "src '/nonexistent/ckpt': no such checkpoint directory" in res.stderr
+    assert "Traceback" not in res.stderr and "RuntimeWarning" not in res.stderr
+
+
+def test_install_hints_name_the_distribution():
+    for plugin in ("aha_torch", "aha_cpu", "aha_triton"):
+        text = (ROOT / "backends" / plugin / "plugin.py").read_text()
+        assert "'aha[" not in text and "aha-attention[" in text, plugin

@@ -10,7 +10,7 @@ def _available() -> str | None:
     try:
         import torch
     except ImportError as exc:
-        return f"torch is not installed ({exc}); pip install 'aha[torch]'"
+        return f"torch is not installed ({exc}); pip install 'aha-attention[torch]'"
     if not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
         return f"torch {torch.__version__} lacks the CPU flash-attention kernel (aten::_scaled_dot_product_flash_attention_for_cpu); need torch >= 2.5"
     return None

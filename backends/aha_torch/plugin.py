@@ -10,7 +10,7 @@ def _available() -> str | None:
     try:
         import torch  # noqa: F401
     except ImportError as exc:
-        return f"torch is not installed ({exc}); pip install 'aha[torch]'"
+        return f"torch is not installed ({exc}); pip install 'aha-attention[torch]'"
     return None
 
 

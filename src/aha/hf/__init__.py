@@ -20,9 +20,18 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"aha.hf needs transformers ({exc}); pip install 'aha-attention[hf]'") from exc
 
 from aha.hf.configuration_faolmo import AHALlamaConfig, AHAQwen2Config, FAOlmoConfig
-from aha.hf.convert import add_router, convert_checkpoint
 from aha.hf.modeling_aha import AHALlamaForCausalLM, AHALlamaModel, AHAQwen2ForCausalLM, AHAQwen2Model
 from aha.hf.modeling_faolmo import FAOlmoForCausalLM, FAOlmoModel
+
+def __getattr__(name: str):
+    """``add_router`` and ``convert_checkpoint`` load ``aha.hf.convert`` on first use, so that
+    ``python -m aha.hf.convert`` runs that module once, as ``__main__``, without a runpy warning."""
+    if name in ("add_router", "convert_checkpoint"):
+        from aha.hf import convert
+
+        return getattr(convert, name)
+    raise AttributeError(f"module 'aha.hf' has no attribute {name!r}")
+
 
 __all__ = [
     "FAOlmoConfig",

@@ -106,7 +106,17 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, required=True, help="local_window_size: keys a Here token reads")
     p.add_argument("--init-logit", type=float, default=1.0, help="initial router bias (> 0: every gate All)")
     args = p.parse_args(argv)
-    convert_checkpoint(args.src, args.dst, window=args.window, init_logit=args.init_logit)
+    if args.window < 1:
+        p.error(f"--window must be >= 1 (the keys a Here token reads), got {args.window}")
+    try:
+        convert_checkpoint(args.src, args.dst, window=args.window, init_logit=args.init_logit)
+    except OSError as exc:
+        if Path(args.src).exists():
+            raise
+        p.error(
+            f"src {args.src!r}: no such checkpoint directory, and it could not be loaded as a model id "
+            f"({str(exc).splitlines()[0]})"
+        )
     print(f"wrote {args.dst}")
     return 0
 
