@@ -23,6 +23,7 @@ from aha.hf.configuration_faolmo import AHALlamaConfig, AHAQwen2Config, FAOlmoCo
 from aha.hf.modeling_aha import AHALlamaForCausalLM, AHALlamaModel, AHAQwen2ForCausalLM, AHAQwen2Model
 from aha.hf.modeling_faolmo import FAOlmoForCausalLM, FAOlmoModel
 
+
 def __getattr__(name: str):
     """``add_router`` and ``convert_checkpoint`` load ``aha.hf.convert`` on first use, so that
     ``python -m aha.hf.convert`` runs that module once, as ``__main__``, without a runpy warning."""
