@@ -573,3 +573,36 @@ def test_kernels_compile_for_sm90_without_spilling():
         assert r["local"] == 0, f"{r['kernel']} spills: {r}"
         assert r["shared_triton"] <= 227 * 1024, f"{r['kernel']} needs more shared memory than an H100/H200 has"
         assert r["kernel"] == "_aha_bwd_preprocess" or r["wgmma"] > 0, f"{r['kernel']} does not use wgmma"
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_gpu_script_bootstrap_needs_no_install():
+    """benchmarks/gpu.py makes this checkout's aha, its backends' entry points and the pytest plugin
+    visible without installing: in an isolated interpreter (-I: no PYTHONPATH, no user site), the
+    registry's triton backend and pytest's aha plugin both come from this checkout."""
+    code = (
+        "import sys, importlib.metadata as md; sys.path.insert(0, 'benchmarks'); import gpu; gpu.bootstrap();"
+        "eps = {e.name: e for e in md.entry_points(group='aha')};"
+        "print(eps['triton'].load().__file__); print(md.entry_points(group='pytest11')['aha'].load().__file__)"
+    )
+    run = subprocess.run([sys.executable, "-I", "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    plugin, pytest_plugin = run.stdout.split()
+    assert plugin == str(ROOT / "backends" / "aha_triton" / "plugin.py")
+    assert pytest_plugin == str(ROOT / "src" / "aha" / "testing" / "pytest_plugin.py")
+
+
+def test_gpu_script_reads_the_entry_points_of_pyproject():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    text = (ROOT / "pyproject.toml").read_text()
+    project = tomllib.loads(text)["project"]
+    name, version, groups = gpu.pyproject_metadata(text)
+    assert (name, version) == (project["name"], project["version"])
+    assert groups == {**project["entry-points"], "console_scripts": project["scripts"]}

@@ -62,6 +62,15 @@ def gpu_tiles(kernel: str, d: int) -> Tiles:
     return Tiles(64, 64, 8, 2) if d <= 128 else Tiles(64, 32, 8, 1)  # dq
 
 
+def tile_candidates(kernel: str, dtype: torch.dtype, d: int) -> list[Tiles]:
+    """The tiles worth timing for ``kernel`` at (dtype, padded head dim d), the default first."""
+    first = gpu_tiles(kernel, d)
+    more = {"fwd": [Tiles(128, 128, 8, 3), Tiles(128, 64, 4, 3), Tiles(64, 64, 4, 3)],
+            "dkdv": [Tiles(32, 128, 8, 2), Tiles(64, 128, 8, 2), Tiles(32, 64, 4, 3)],
+            "dq": [Tiles(64, 32, 4, 2)]}[kernel]
+    return [first] + [t for t in more if t != first]
+
+
 def _tiles(kernel: str, d: int) -> Tiles:
     if kernel in _OVERRIDE:
         return _OVERRIDE[kernel]
