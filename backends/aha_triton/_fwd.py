@@ -19,9 +19,8 @@ load as 0 (0 * NaN would leak into rows that do not read them); in full blocks e
 reads every key. A row whose key range holds a flagged key (two loads of BADCOUNT per row)
 comes out NaN, as in the reference.
 
-Bundles passed to the helpers: ``kv = (k_base, v_base, stride_kn, stride_vn, NK, bad_base, count_base)``
-(NK: the keys of this program's batch row, L_b under VARLEN; masked loads stop there; its rows of
-BAD and BADCOUNT),
+Bundles passed to the helpers: ``kv = (k_base, v_base, stride_kn, stride_vn, NK, bad_base)``
+(NK: the keys of this program's batch row, L_b under VARLEN; masked loads stop there; its row of BAD),
 ``TILE = (HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)`` (constexpr) and the softmax
 state ``(acc, m, lsum)``.
 """
@@ -43,32 +42,19 @@ from aha_triton._common import (
 
 
 @triton.jit
-def _load_kv(kv, kb, MASKED: tl.constexpr, TILE: tl.constexpr):
-    """Key block kb: k [N, D], v [N, D] and key positions j [N]."""
-    k_base, v_base, stride_kn, stride_vn, NK = kv
+def _load_kv(kv, kb, MASKED: tl.constexpr, TILE: tl.constexpr, ZERO_BAD: tl.constexpr = False):
+    """Key block kb: k [N, D], v [N, D] and key positions j [N]. With ZERO_BAD (the forward's masked
+    blocks) the value rows of keys flagged in BAD (a NaN or an inf, see _common._aha_bad_keys) load as 0;
+    kv[5] is then the program's row of BAD (kv holds 5 entries otherwise)."""
+    k_base, v_base, stride_kn, stride_vn, NK = kv[0], kv[1], kv[2], kv[3], kv[4]
     j = kb * TILE[1] + tl.arange(0, TILE[1])
     d = tl.arange(0, TILE[2])
     mask = d[None, :] < TILE[0]
     if MASKED:
         mask = mask & (j[:, None] < NK)
     k = tl.load(k_base + j[:, None].to(tl.int64) * stride_kn + d[None, :], mask=mask, other=0.0)
-    v = tl.load(v_base + j[:, None].to(tl.int64) * stride_vn + d[None, :], mask=mask, other=0.0)
-    return k, v, j
-
-
-@triton.jit
-def _load_kv_fwd(kv, kb, MASKED: tl.constexpr, TILE: tl.constexpr):
-    """Key block kb for the forward: k [N, D], v [N, D] and key positions j [N]. When MASKED, the value
-    rows of keys flagged in BAD (a NaN or an inf, see _common._aha_bad_keys) load as 0."""
-    k_base, v_base, stride_kn, stride_vn, NK, bad_base, count_base = kv
-    j = kb * TILE[1] + tl.arange(0, TILE[1])
-    d = tl.arange(0, TILE[2])
-    mask = d[None, :] < TILE[0]
-    if MASKED:
-        mask = mask & (j[:, None] < NK)
-    k = tl.load(k_base + j[:, None].to(tl.int64) * stride_kn + d[None, :], mask=mask, other=0.0)
-    if MASKED:
-        mask = mask & (tl.load(bad_base + j, mask=j < NK, other=0) == 0)[:, None]
+    if MASKED and ZERO_BAD:
+        mask = mask & (tl.load(kv[5] + j, mask=j < NK, other=0) == 0)[:, None]
     v = tl.load(v_base + j[:, None].to(tl.int64) * stride_vn + d[None, :], mask=mask, other=0.0)
     return k, v, j
 
@@ -106,7 +92,7 @@ def _init_state(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
 def _fwd_stage(state, q, kv, kb_lo, kb_hi, lo, pos, scale_log2, MASKED: tl.constexpr, TILE: tl.constexpr):
     """One branch over key blocks [kb_lo, kb_hi); rows read keys lo <= j <= pos."""
     for kb in range(kb_lo, kb_hi):
-        k, v, j = _load_kv_fwd(kv, kb, MASKED, TILE)
+        k, v, j = _load_kv(kv, kb, MASKED, TILE, True)
         s = tl.dot(q, tl.trans(k), input_precision=TILE[3]) * scale_log2  # (M, N)
         if MASKED:
             s = tl.where((j[None, :] >= lo[:, None]) & (j[None, :] <= pos[:, None]), s, float("-inf"))
@@ -118,7 +104,7 @@ def _fwd_stage(state, q, kv, kb_lo, kb_hi, lo, pos, scale_log2, MASKED: tl.const
 def _fwd_stage_both(state_a, state_h, q, kv, kb_lo, kb_hi, start, pos, WINDOW, scale_log2, TILE: tl.constexpr):
     """All and Here together over key blocks [kb_lo, kb_hi), masked: one q.k for both branches."""
     for kb in range(kb_lo, kb_hi):
-        k, v, j = _load_kv_fwd(kv, kb, True, TILE)
+        k, v, j = _load_kv(kv, kb, True, TILE, True)
         s = tl.dot(q, tl.trans(k), input_precision=TILE[3]) * scale_log2  # (M, N)
         seen_a = (j[None, :] >= start[:, None]) & (j[None, :] <= pos[:, None])
         state_a = _softmax_step(state_a, tl.where(seen_a, s, float("-inf")), v, TILE[3])
@@ -177,7 +163,7 @@ def _aha_fwd(
     q = tl.load(q_ptr + d[None, :], mask=dmask, other=0.0)  # (M, D)
     count_base = BADCOUNT + bh.to(tl.int64) * (NK + 1)
     kv = (K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh, stride_kn, stride_vn, nk,
-          BAD + bh.to(tl.int64) * NK, count_base)
+          BAD + bh.to(tl.int64) * NK)
     TILE: tl.constexpr = (HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
     out_ptr = token[:, None] * HEAD_DIM + d[None, :]
     store_mask = valid[:, None] & dmask
