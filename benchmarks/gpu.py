@@ -462,30 +462,34 @@ def _flex(s: Sizes, n: int, share: float, hq: int, hkv: int, kind: str) -> dict:
 
 
 def tile_sweep(s: Sizes, kernel: str) -> dict:
-    """The candidate tiles of one kernel (fwd or dkdv) at the long point, 7 % All, Hq=32/Hkv=8:
-    ms per candidate (the first is the default)."""
+    """The autotune set of one kernel (fwd, dkdv or decode; bf16 at the speed steps' D) timed at the long
+    point, 7 % All, Hq=32/Hkv=8 (decode: one step against the decode cache): ms per candidate, the default
+    first."""
     import torch
 
     from aha_triton import _launch
 
     hq, hkv = s.heads[-1]
-    n = s.sweep_len
-    q, k, v, gate, dout = _inputs(s, 1, hq, hkv, n, n, s.d, torch.bfloat16, 0.07)
+    if kernel == "decode":
+        n, nq, b = s.decode_len, 1, s.decode_batch
+    else:
+        n, nq, b = s.sweep_len, s.sweep_len, 1
+    q, k, v, gate, dout = _inputs(s, b, hq, hkv, nq, n, s.d, torch.bfloat16, 0.07)
     rows = {}
     for t in _launch.tile_candidates(kernel, torch.bfloat16, s.d):
         label = f"{t.m}x{t.n} w{t.warps} s{t.stages}"
         try:
             with _launch.tiles(**{kernel: t}):
-                if kernel == "fwd":
-                    with torch.no_grad():
-                        rows[label] = timed_ms(lambda: _aha(q, k, v, gate, s.window), s)
-                else:
+                if kernel == "dkdv":
                     step, leaves = _fwd_bwd(lambda q, k, v: _aha(q, k, v, gate, s.window), q, k, v, dout)
                     rows[label] = timed_ms(step, s, leaves)
+                else:
+                    with torch.no_grad():
+                        rows[label] = timed_ms(lambda: _aha(q, k, v, gate, s.window), s)
         except Exception as exc:  # a candidate that does not launch is a figure too
             rows[label] = f"{type(exc).__name__}: {str(exc)[:200]}"
         print(f"    {kernel} {label}: {rows[label]}", flush=True)
-    return {"N": n, "Hq": hq, "Hkv": hkv, "kernel": kernel, "ms": rows}
+    return {"N": n, "Nq": nq, "batch": b, "Hq": hq, "Hkv": hkv, "kernel": kernel, "ms": rows}
 
 
 # a dry run checks that pytest and its aha plugin start offline, on a quick test or two
@@ -571,7 +575,7 @@ def plan(s: Sizes) -> list[Step]:
     for kind in ("fwd", "fwd_bwd"):
         steps.append(Step(f"flex {kind.replace('_', '+')} N={n} 7% Hq={hq_gqa} Hkv={hkv_gqa}", "flex", flex,
                           (s, n, 0.07, hq_gqa, hkv_gqa, kind)))
-    for kernel in ("fwd", "dkdv"):
+    for kernel in ("fwd", "dkdv", "decode"):
         steps.append(Step(f"tile sweep {kernel}", "sweep", tile_sweep, (s, kernel)))
     for longer in s.longer:
         for kind in ("fwd", "fwd_bwd"):

@@ -406,6 +406,73 @@ def test_ragged_batches_with_gpu_tile_sizes(case, mode, deterministic):
     _finite_and_close(out, grads, *_reference(q, k, v, g, dout, 40, rag))
 
 
+DECODE_GATES = {"hard": lambda u: (u < 0.3).double(), "soft": lambda u: u, "here": torch.zeros_like,
+                "all": torch.ones_like}
+
+
+def _decode_spy(monkeypatch):
+    used = []
+    real = _launch.decode
+    monkeypatch.setattr(_launch, "decode", lambda *a, **kw: used.append(a[0].shape) or real(*a, **kw))
+    monkeypatch.setattr(_launch, "DECODE_BLOCKS_PER_SPLIT", 1)  # many splits on a short cache: the merge matters
+    return used
+
+
+@pytest.mark.parametrize("gate", list(DECODE_GATES))
+@pytest.mark.parametrize("nq", [1, 4])
+def test_split_kv_decode_matches_reference_with_ragged_rows_and_nan(monkeypatch, nq, gate):
+    """Decode (no grad, few queries): split-KV kernel and merge against the reference, GQA, cache_seqlens and
+    cache_leftpad, hard and soft gates. NaN/inf keys and values sit in padding slots, past each row's length
+    and outside every window (never read: no NaN out), and inside rows' ranges (their rows come out NaN)."""
+    used = _decode_spy(monkeypatch)
+    b, hq, hkv, nk, d, window = 3, 4, 2, 70, 16, 9
+    q, k, v, _, _ = _inputs(b, hq, hkv, nq, nk, d, torch.float32, seed=nq)
+    g = DECODE_GATES[gate](torch.rand(b, hq, nq, generator=torch.Generator().manual_seed(7))).to(DEVICE, torch.float32)
+    seqlens = torch.tensor([70, 50, 12], dtype=torch.int32, device=DEVICE)
+    leftpad = torch.tensor([0, 5, 10], dtype=torch.int32, device=DEVICE)
+    k[1, :, 20:30], v[1, :, 50:] = float("nan"), float("nan")  # row 1: NaN keys only All reads; past its length
+    v[2, :, :10], k[2, :, :10] = float("nan"), float("inf")  # row 2: its padding slots
+    v[0, :, 3] = float("nan")  # row 0: far outside every window
+    with tiles(decode=Tiles(16, 16)):
+        out = aha.attention(q, k, v, g, window=window, backend="triton", cache_seqlens=seqlens, cache_leftpad=leftpad)
+    assert used, "the split-KV decode kernel did not run"
+    ref = reference.attention(_np(q), _np(k), _np(v), _np(g), window, cache_seqlens=seqlens.cpu().numpy(),
+                              cache_leftpad=leftpad.cpu().numpy())
+    got = _np(out)
+    assert np.array_equal(np.isnan(got), np.isnan(ref))
+    if gate == "here":  # no row reads row 1's NaN keys through its window, or row 0's far NaN value
+        assert np.isfinite(ref[[0, 1]]).all()
+    _close("out", torch.from_numpy(np.nan_to_num(got)), np.nan_to_num(ref), torch.float32)
+
+
+def test_split_kv_decode_groups_of_here_rows_see_only_their_windows(monkeypatch):
+    """A kv group whose query heads are all Here depends only on their windows (the kernel reads no other
+    key block of it): every other key and value is NaN, and its outputs are finite and equal the reference;
+    a bfloat16 cache, its tolerance."""
+    _decode_spy(monkeypatch)
+    b, hq, hkv, nk, d, window = 2, 4, 2, 90, 32, 6
+    q, k, v, _, _ = _inputs(b, hq, hkv, 1, nk, d, torch.bfloat16, seed=3)
+    g = torch.zeros(b, hq, 1, device=DEVICE, dtype=torch.bfloat16)
+    g[1, 2] = 1  # batch 1, kv head 1 has an All head: it reads its whole cache
+    k[:, 0, : nk - window], v[:, 0, : nk - window] = float("nan"), float("nan")
+    k[0, 1, : nk - window] = float("nan")
+    with tiles(decode=Tiles(16, 16)):
+        out = aha.attention(q, k, v, g, window=window, backend="triton")
+    ref = reference.attention(_np(q), _np(k), _np(v), _np(g), window)
+    assert np.isfinite(_np(out)[:, :2]).all() and np.isfinite(_np(out)[0]).all()
+    _close("out", out, ref, torch.bfloat16)
+
+
+def test_decode_kernel_serves_only_forwards_without_grad(monkeypatch):
+    used = _decode_spy(monkeypatch)
+    q, k, v, g, dout = _inputs(1, 2, 1, 1, 20, 16, torch.float32)
+    aha.attention(q.requires_grad_(True), k, v, g, window=4, backend="triton").backward(dout[:, :, :1])
+    assert used == []
+    with torch.no_grad():
+        aha.attention(q, k, v, g, window=4, backend="triton")
+    assert len(used) == 1
+
+
 def test_route_order_is_a_stable_partition():
     gen = torch.Generator().manual_seed(0)
     is_all = torch.rand(2, 6, 23, generator=gen) < 0.3

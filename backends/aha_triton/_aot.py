@@ -40,7 +40,8 @@ from aha_triton import _launch
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
         torch.int64: "*i64", torch.int8: "*i8"}
-_KERNELS = ("_aha_bad_keys", "_aha_fwd", "_aha_bwd_preprocess", "_aha_bwd_dkdv", "_aha_bwd_dq")
+_KERNELS = ("_aha_bad_keys", "_aha_fwd", "_aha_bwd_preprocess", "_aha_bwd_dkdv", "_aha_bwd_dq", "_aha_decode_split",
+            "_aha_decode_merge")
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 SMEM_LIMIT = 232_448  # bytes of shared memory per block on sm_90 (H100, H200)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -136,8 +137,8 @@ RAGGED = {"all": ("seqlens", "leftpad", "packed"), "quick": ("leftpad", "packed"
 
 def recorded_launches(dtype, d, ragged=("seqlens", "leftpad", "packed"), tiles=None):
     """Every kernel launch of forward and backward (routed, dense, and a soft gate without grad; both dq
-    modes; plain calls and the ``ragged`` variants: cache_seqlens, cache_seqlens with cache_leftpad,
-    packed sequences) for one dtype and D, with the GPU tiles (or ``tiles``: {kernel: Tiles} for both branches)."""
+    modes; split-KV decode; plain calls and the ``ragged`` variants: cache_seqlens, cache_seqlens with
+    cache_leftpad, packed sequences) for one dtype and D, with the GPU tiles (or ``tiles``: {kernel: Tiles} for both branches)."""
     calls = []
     saved = {name: getattr(_launch, name) for name in _KERNELS}
     for name in _KERNELS:
@@ -155,18 +156,22 @@ def recorded_launches(dtype, d, ragged=("seqlens", "leftpad", "packed"), tiles=N
             k, v = k[:, :2], v[:, :2]
             soft = torch.rand(1, 4, 40, generator=gen).to(dtype)
             _launch.forward(q, k, v, soft, 8, d**-0.5, both=False, store_branches=False)  # soft gate, no grad
+            for name in ("plain",) + tuple(r for r in ragged if r != "packed"):  # split-KV decode: 1 query, no grad
+                rag = variants[name][1] if name != "plain" else {}
+                _launch.forward(q[:, :, :1], k, v, soft[:, :, :1], 8, d**-0.5, both=False, store_branches=False, **rag)
             for both in (False, True):
                 gate = (torch.rand(1, 4, 40, generator=gen) < 0.3).to(dtype)
-                out, lse, br, _ = _launch.forward(q, k, v, gate, 8, d**-0.5, both=both, store_branches=both)
+                out, lse, br, index = _launch.forward(q, k, v, gate, 8, d**-0.5, both=both, store_branches=both,
+                                                      needs_backward=True)
                 for det in (True, False):
-                    _launch.backward(q, q, k, v, gate, out, lse, br, 8, d**-0.5, both, det)
+                    _launch.backward(q, q, k, v, gate, out, lse, br, 8, d**-0.5, both, det, index=index)
                 for name in ragged:
                     nq, rag = variants[name]
                     q1, gate1 = q[:, :, :nq], gate[:, :, :nq]
-                    out, lse, br, _ = _launch.forward(q1, k, v, gate1, 8, d**-0.5, both=both, store_branches=both,
-                                                      **rag)
+                    out, lse, br, index = _launch.forward(q1, k, v, gate1, 8, d**-0.5, both=both, store_branches=both,
+                                                          needs_backward=True, **rag)
                     for det in (True, False):
-                        _launch.backward(q1, q1, k, v, gate1, out, lse, br, 8, d**-0.5, both, det, **rag)
+                        _launch.backward(q1, q1, k, v, gate1, out, lse, br, 8, d**-0.5, both, det, index=index, **rag)
     finally:
         for name, fn in saved.items():
             setattr(_launch, name, fn)

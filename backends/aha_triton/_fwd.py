@@ -119,7 +119,7 @@ def _finish(state, bad):
 
     A row that read no key (l = 0, acc = 0) gets 0 and lse2 = +inf, so that exp2(s - lse2) = 0."""
     acc, m, lsum = state
-    read = lsum > 0
+    read = lsum != 0.0  # NaN (a row that read a NaN score) counts as read: its lse2 is NaN, as its gradients
     lsafe = tl.where(read, lsum, 1.0)
     out = tl.where(bad[:, None], float("nan"), acc / lsafe[:, None])
     return out, tl.where(read, m + tl.log2(lsafe), float("inf"))

@@ -17,6 +17,7 @@ from aha.torch_ops import route_order
 from aha.window import num_blocks
 from aha_triton._bwd import _aha_bwd_dkdv, _aha_bwd_dq, _aha_bwd_preprocess
 from aha_triton._common import LOG2E, _aha_bad_keys
+from aha_triton._decode import _aha_decode_merge, _aha_decode_split
 from aha_triton._fwd import _aha_fwd
 from aha_triton._index import dkdv_ranges, query_bounds
 
@@ -38,7 +39,7 @@ _OVERRIDE: dict[str, Tiles] = {}
 def tiles(**kernels: Tiles):
     """Force tile sizes, e.g. ``with tiles(fwd=Tiles(16, 16)):`` (tests, benchmark sweeps).
 
-    Keys: fwd, dkdv, dq.
+    Keys: fwd, dkdv, dq, decode.
     """
     old = dict(_OVERRIDE)
     _OVERRIDE.update(kernels)
@@ -83,6 +84,9 @@ for _branch in ("routed", "both"):
     TILES["fwd", _branch, "32", 256] = (T(32, 32, 4, 2),)
     TILES["dkdv", _branch, "32", 256] = (T(16, 32, 4, 1),)
     TILES["dq", _branch, "32", 256] = (T(32, 16, 4, 1),)
+for _d in (16, 32, 64, 128, 256):  # split-KV decode: m = rows per block (G * Nq padded), n = keys per block
+    TILES["decode", "routed", "16", _d] = (T(16, 64, 8, 3), T(16, 128, 8, 2), T(16, 64, 4, 2))
+    TILES["decode", "routed", "32", _d] = (T(16, 32, 4, 2),)
 del T
 
 
@@ -262,6 +266,14 @@ def forward(q, k, v, gate, window: int, scale: float, both: bool, store_branches
     bsz, hq, nq, d = q.shape
     hkv = k.shape[1]
     dev = q.device
+    if not needs_backward and decodes(q.shape, k.shape, rag.qpos is not None):
+        out = decode(q, k, v, gate, window, scale, rag, dtype)
+        lse = torch.empty((1, bsz, hq, nq), dtype=torch.float32, device=dev)  # never read: no backward follows
+        order, n_all, _ = index_shapes(q.shape, k.shape, dtype, False, False, False)
+        empty = torch.empty((0,), dtype=torch.int32, device=dev)
+        index = Index(torch.empty(order, dtype=torch.int32, device=dev), torch.empty(n_all, dtype=torch.int32,
+                      device=dev), empty)
+        return out, lse, torch.empty((0,), dtype=dtype, device=dev), index
     index = _index(q, k, gate, window, both, rag, needs_backward)
     out = torch.empty((bsz, hq, nq, d), dtype=dtype, device=dev)
     if both:
@@ -279,6 +291,73 @@ def forward(q, k, v, gate, window: int, scale: float, both: bool, store_branches
         empty = torch.empty((0,), dtype=torch.int32, device=dev)
         _fwd_launch(gate, Index(empty, soft, empty), lse[:0], branches, both=True, store=False, **launch)
     return out, lse, branches, index
+
+
+DECODE_MAX_ROWS = 64  # the split-KV decode kernel serves calls with G * Nq <= this and Nq <= 16 (forward only)
+DECODE_BLOCKS_PER_SPLIT = 32  # key blocks per split of a group's whole cache (2048 keys at 64 per block)
+
+
+def decodes(q_shape, k_shape, packed: bool) -> bool:
+    """Whether a forward without backward goes to the split-KV decode kernel: few queries per kv group."""
+    nq, g = q_shape[2], q_shape[1] // k_shape[1]
+    return not packed and nq <= 16 and g * nq <= DECODE_MAX_ROWS
+
+
+def decode(q, k, v, gate, window: int, scale: float, rag: Ragged, dtype) -> torch.Tensor:
+    """Split-KV decode (see _decode): out [B, Hq, Nq, D] in ``dtype``; any gate, hard or soft, no host sync."""
+    bsz, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g, rows = hq // hkv, hq // hkv * nq
+    block_d = _block_d(d)
+    t = _tiles("decode", dtype, block_d)
+    block_m = max(16, min(t.m, triton.next_power_of_2(rows)))
+    splits = max(1, min(num_blocks(num_blocks(nk, t.n), DECODE_BLOCKS_PER_SPLIT), 128))
+    parts = bsz * hkv * rows
+    part_o = torch.empty((2, splits, parts, block_d), dtype=torch.float32, device=q.device)
+    part_l = torch.empty((2, splits, parts), dtype=torch.float32, device=q.device)
+    gate32 = gate.to(torch.float32).contiguous()
+    none_i32 = torch.zeros(1, dtype=torch.int32, device=q.device)
+    _aha_decode_split[(splits, bsz * hkv, num_blocks(rows, block_m))](
+        q,
+        k,
+        v,
+        gate32,
+        part_o,
+        part_l,
+        *rag.pointers(none_i32)[:2],
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        hkv,
+        nq,
+        nk,
+        window,
+        splits,
+        parts,
+        scale * LOG2E,
+        G=g,
+        HEAD_DIM=d,
+        VARLEN=rag.seqlens is not None,
+        LEFTPAD=rag.leftpad is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=t.n,
+        BLOCK_D=block_d,
+        PRECISION=_precision(q.dtype),
+        num_warps=t.warps,
+        num_stages=t.stages,
+    )
+    out = torch.empty((bsz, hq, nq, d), dtype=dtype, device=q.device)
+    block_r = 16
+    _aha_decode_merge[(num_blocks(parts, block_r),)](
+        part_o, part_l, gate32, out, splits, parts, nq, G=g, HEAD_DIM=d, BLOCK_R=block_r, BLOCK_D=block_d
+    )
+    return out
 
 
 def _fwd_launch(gate, index: Index, lse, branches, *, q, k, v, bad, out, rag: Ragged, window, scale, both: bool,
