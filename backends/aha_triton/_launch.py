@@ -190,6 +190,11 @@ def bad_keys(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return bad, count
 
 
+def _strides(q, k, v) -> tuple:
+    """Batch, head and position strides of q, k and v (their last dims have unit stride)."""
+    return (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+
+
 def _check(q, k, v, gate, rag: Ragged):
     b, hq, nq, d = q.shape
     for x in (rag.seqlens, rag.leftpad):
@@ -325,15 +330,7 @@ def decode(q, k, v, gate, window: int, scale: float, rag: Ragged, dtype) -> torc
         part_o,
         part_l,
         *rag.pointers(none_i32)[:2],
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
+        *_strides(q, k, v),
         hkv,
         nq,
         nk,
@@ -384,15 +381,7 @@ def _fwd_launch(gate, index: Index, lse, branches, *, q, k, v, bad, out, rag: Ra
         lse if lse.numel() else none_i32,
         branches if branches.numel() else out,
         *rag.pointers(none_i32),
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
+        *_strides(q, k, v),
         hkv,
         nq,
         nk,
@@ -464,17 +453,7 @@ def backward(
         if deterministic
         else torch.zeros((bsz, hq, nq, d), dtype=torch.float32, device=dev)
     )
-    strides = (
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-    )
+    strides = _strides(q, k, v)
     common = (hkv, nq, nk, window, tokens, scale, scale * LOG2E)
     _aha_bwd_dkdv[(num_blocks(nk, t_kv.n), bsz * hkv)](
         q,
