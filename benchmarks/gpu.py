@@ -722,7 +722,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="JSON file (default benchmarks/results/gpu.json; dry run: benchmarks/out/gpu-dry-run.json)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="start no step after this many seconds (default 480)")
     parser.add_argument("--dry-run", action="store_true", help="the plan on the CPU under TRITON_INTERPRET=1 at tiny sizes")
-    parser.add_argument("--aot", action="store_true", help="compile every kernel variant for --arch offline and check resources")
+    parser.add_argument("--aot", action="store_true", help="compile every kernel variant (every tile of the autotune sets) "
+                        "for --arch offline; exit 1 when one does not fit")
     parser.add_argument("--arch", type=int, default=90, help="--aot: compute capability without the dot (default 90)")
     parser.add_argument("--only", metavar="REGEX", help="run only the steps whose name matches (the rest are recorded as skipped)")
     parser.add_argument("--list", action="store_true", help="print the plan's steps and exit")
@@ -740,7 +741,9 @@ def main(argv=None) -> int:
     if args.aot:
         from aha_triton import _aot
 
-        return _aot.main(["--arch", str(args.arch), "--check"])
+        out = args.out or str(ROOT / "benchmarks" / "out" / f"aot-sm{args.arch}.json")
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        return _aot.main(["--arch", str(args.arch), "--check", "--candidates", "--json", out])
     s = DRY if args.dry_run else GPU
     steps = plan(s)
     if args.list:

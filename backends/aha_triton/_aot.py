@@ -5,8 +5,8 @@
 Triton ships ptxas, so the whole GPU pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin)
 runs on any machine. The launches of ``_launch`` are replayed on small CPU tensors
 with the kernels swapped for recorders; each recorded launch is then compiled with
-the GPU tile sizes the dispatcher picks for its dtype and head dim (or with each tile
-candidate of the autotune set: ``--candidates``). Per variant:
+the GPU tile sizes the dispatcher picks for its dtype, head dim and branch (with
+``--candidates``: every member of the autotune sets of _launch.TILES). Per variant:
 
 * registers and shared memory (from the cubin, cuobjdump; shared memory also as Triton counts it),
 * the stack frame and the spill stores and loads (``ptxas -v`` on the variant's PTX, with the
@@ -202,12 +202,30 @@ def _variant_name(row: dict) -> str:
     return " ".join(x for x in (row["kernel"], row["dtype"], f"D={row['D']}", mode, ragged) if x)
 
 
-def compile_problem(arch: int, dtype_name: str, d: int, ragged=RAGGED["all"], tiles=None, kernels=_KERNELS) -> list[dict]:
-    """Compile each distinct launch of one (dtype, D) for sm_<arch>; one row per variant."""
+@contextlib.contextmanager
+def _candidate(i: int):
+    """Make the i-th member of every autotune set (where it has one) the default."""
+    saved = dict(_launch.TILES)
+    _launch.TILES.update({key: tiles[i:i + 1] for key, tiles in saved.items() if len(tiles) > i})
+    try:
+        yield
+    finally:
+        _launch.TILES.clear()
+        _launch.TILES.update(saved)
+
+
+def compile_problem(arch: int, dtype_name: str, d: int, ragged=RAGGED["all"], tiles=None, kernels=_KERNELS,
+                    candidates: bool = False) -> list[dict]:
+    """Compile each distinct launch of one (dtype, D) for sm_<arch>; one row per variant. With
+    ``candidates``, the launches of every member of the autotune sets (_launch.TILES), not only the defaults."""
     target = GPUTarget("cuda", arch, 32)
     backend = triton.compiler.make_backend(target)
     rows, seen = [], set()
-    for fn, args, kwargs in recorded_launches(DTYPES[dtype_name], d, ragged, tiles):
+    launches = []
+    for i in range(max(map(len, _launch.TILES.values())) if candidates else 1):
+        with _candidate(i):
+            launches += recorded_launches(DTYPES[dtype_name], d, ragged, tiles)
+    for fn, args, kwargs in launches:
         if fn.__name__ not in kernels:
             continue
         src = _source(fn, args, kwargs)
@@ -228,9 +246,10 @@ def compile_problem(arch: int, dtype_name: str, d: int, ragged=RAGGED["all"], ti
     return rows
 
 
-def compile_all(arch: int = 90, problems="all", kernels=_KERNELS, jobs: int = 1, tiles=None) -> list[dict]:
+def compile_all(arch: int = 90, problems="all", kernels=_KERNELS, jobs: int = 1, tiles=None,
+                candidates: bool = False) -> list[dict]:
     """Every variant of a problem set, compiled in ``jobs`` processes."""
-    todo = [(arch, dt, d, RAGGED[problems], tiles, kernels) for dt, d in PROBLEMS[problems]]
+    todo = [(arch, dt, d, RAGGED[problems], tiles, kernels, candidates) for dt, d in PROBLEMS[problems]]
     if jobs <= 1:
         return [row for args in todo for row in compile_problem(*args)]
     with ProcessPoolExecutor(jobs) as pool:
@@ -263,11 +282,12 @@ def main(argv=None) -> int:
     parser.add_argument("--problems", choices=sorted(PROBLEMS), default="all", help="dtype and head dim set")
     parser.add_argument("--check", action="store_true", help="exit 1 when a variant does not fit (see above)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes (default: CPUs)")
+    parser.add_argument("--candidates", action="store_true", help="every member of the autotune sets, not only defaults")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "") == "1":
         print("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled", file=sys.stderr)
         return 2
-    rows = compile_all(args.arch, args.problems, jobs=args.jobs)
+    rows = compile_all(args.arch, args.problems, jobs=args.jobs, candidates=args.candidates)
     bad = []
     print(f"{'variant':<58} {'tiles':<16} {'regs':>4} {'stack':>5} {'spill st/ld':>11} {'shared':>7} {'wgmma':>5}")
     for r in rows:

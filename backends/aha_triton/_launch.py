@@ -50,6 +50,20 @@ def tiles(**kernels: Tiles):
         _OVERRIDE.update(old)
 
 
+_GPU_TILES: list[torch.dtype | None] = []
+
+
+@contextlib.contextmanager
+def gpu_tile_sizes(dtype: torch.dtype | None = None):
+    """Use the GPU tiles even under the interpreter, over any ``tiles(...)`` (tests: block boundaries as on a
+    GPU); with ``dtype``, those of that dtype whatever the inputs' (e.g. bfloat16 tiles over float32 inputs)."""
+    _GPU_TILES.append(dtype)
+    try:
+        yield
+    finally:
+        _GPU_TILES.pop()
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
@@ -63,31 +77,27 @@ def interpreting() -> bool:
 # m = query rows per block (dkdv: per step), n = keys per block (dkdv: per program).
 T = Tiles
 TILES: dict[tuple[str, str, str, int], tuple[Tiles, ...]] = {}
-for _d in (16, 32, 64, 128):
-    TILES["fwd", "routed", "16", _d] = (T(128, 64, 8, 3), T(128, 64, 8, 2), T(64, 64, 8, 3), T(128, 32, 8, 3))
-    TILES["fwd", "both", "16", _d] = (T(128, 32, 8, 3),)
+for _d in (16, 32, 64, 128, 256):
+    _big = _d > 128
+    # 16 bits: wgmma tiles; D=256 halves the keys per block (and may spill: allowed there)
+    TILES["fwd", "routed", "16", _d] = (T(64, 32, 8, 2),) if _big else (T(128, 64, 8, 3), T(128, 64, 8, 2),
+                                                                        T(128, 32, 8, 3))
+    TILES["fwd", "both", "16", _d] = (T(64, 16, 8, 2),) if _big else (T(64, 32, 8, 3),)
+    TILES["dq", "routed", "16", _d] = (T(32, 32, 8, 2),) if _big else (T(64, 64, 8, 2), T(64, 32, 8, 2))
+    TILES["dq", "both", "16", _d] = (T(32, 32, 8, 2),) if _big else (T(64, 32, 8, 2),)
     for _branch in ("routed", "both"):
-        TILES["dkdv", _branch, "16", _d] = (T(32, 64, 8, 2), T(32, 64, 8, 3), T(16, 128, 8, 2))
-    TILES["dq", "routed", "16", _d] = (T(64, 64, 8, 2), T(64, 32, 8, 2))
-    TILES["dq", "both", "16", _d] = (T(64, 32, 8, 2),)
-for _branch in ("routed", "both"):
-    TILES["fwd", _branch, "16", 256] = (T(64, 64, 8, 2),) if _branch == "routed" else (T(64, 32, 8, 2),)
-    TILES["dkdv", _branch, "16", 256] = (T(16, 64, 8, 2),)
-    TILES["dq", _branch, "16", 256] = (T(64, 32, 8, 1),)
-    for _d in (16, 32, 64):
-        TILES["fwd", _branch, "32", _d] = (T(64, 64, 4, 2),)
-        TILES["dkdv", _branch, "32", _d] = (T(32, 64, 4, 2),)
-        TILES["dq", _branch, "32", _d] = (T(64, 32, 4, 2),)
-    TILES["fwd", _branch, "32", 128] = (T(64, 32, 4, 2),)
-    TILES["dkdv", _branch, "32", 128] = (T(32, 32, 4, 2),)
-    TILES["dq", _branch, "32", 128] = (T(32, 32, 4, 2),)
-    TILES["fwd", _branch, "32", 256] = (T(32, 32, 4, 2),)
-    TILES["dkdv", _branch, "32", 256] = (T(16, 32, 4, 1),)
-    TILES["dq", _branch, "32", 256] = (T(32, 16, 4, 1),)
-for _d in (16, 32, 64, 128, 256):  # split-KV decode: m = rows per block (G * Nq padded), n = keys per block
+        TILES["dkdv", _branch, "16", _d] = (T(16, 32, 8, 2),) if _big else (T(32, 64, 8, 2), T(16, 128, 8, 2))
+    # 32 bits: FMA dots (no tensor cores) hold their tiles in registers: small tiles over 8 warps
+    _small = _d <= 64
+    TILES["fwd", "routed", "32", _d] = (T(32, 32, 8, 2),) if _small else (T(16, 32, 8, 2),)
+    TILES["fwd", "both", "32", _d] = (T(16, 32, 8, 2),)
+    for _branch in ("routed", "both"):
+        TILES["dkdv", _branch, "32", _d] = (T(16, 32, 8, 2),)
+        TILES["dq", _branch, "32", _d] = (T(32, 32, 8, 2),) if _small else (T(16, 32, 8, 2),)
+    # split-KV decode: m = rows per block (G * Nq, padded to at least 16), n = keys per block
     TILES["decode", "routed", "16", _d] = (T(16, 64, 8, 3), T(16, 128, 8, 2), T(16, 64, 4, 2))
-    TILES["decode", "routed", "32", _d] = (T(16, 32, 4, 2),)
-del T
+    TILES["decode", "routed", "32", _d] = (T(16, 32, 8, 2),)
+del T, _big, _small
 
 
 def _bits(dtype: torch.dtype) -> str:
@@ -105,6 +115,8 @@ def gpu_tiles(kernel: str, d: int, dtype: torch.dtype = torch.bfloat16, both: bo
 
 
 def _tiles(kernel: str, dtype: torch.dtype, d: int, both: bool = False) -> Tiles:
+    if _GPU_TILES:
+        return gpu_tiles(kernel, d, _GPU_TILES[-1] or dtype, both)
     if kernel in _OVERRIDE:
         return _OVERRIDE[kernel]
     if interpreting():
@@ -219,37 +231,42 @@ class Index:
     ranges: torch.Tensor
 
 
-def index_shapes(q_shape, k_shape, dtype, both: bool, packed: bool, needs_backward: bool) -> tuple:
-    """Shapes of order, n_all and ranges of :class:`Index` (for the custom op's fake implementation)."""
+def dkdv_tiles(dtype: torch.dtype, d: int, both: bool) -> Tiles:
+    """The dk/dv pass's tiles for a call; its forward computes the key-block ranges for them."""
+    return _tiles("dkdv", dtype, _block_d(d), both)
+
+
+def index_shapes(q_shape, k_shape, both: bool, packed: bool, needs_backward: bool, block_n: int) -> tuple:
+    """Shapes of order, n_all and ranges of :class:`Index` (for the custom op's fake implementation);
+    block_n: the dk/dv pass's keys per program."""
     bsz, hq, nq, d = q_shape
     hkv, nk = k_shape[1], k_shape[2]
     routed = ((bsz * hkv, hq // hkv * nq), (bsz * hkv,)) if not both else ((0,), (0,))
-    if needs_backward and (not both or packed):
-        ranges = (bsz * hkv, num_blocks(nk, _tiles("dkdv", dtype, _block_d(d), both).n), 8)
-    else:
-        ranges = (0,)
+    ranges = (bsz * hkv, num_blocks(nk, block_n), 8) if needs_backward and (not both or packed) else (0,)
     return (*routed, ranges)
 
 
-def _index(q, k, gate, window: int, both: bool, rag: Ragged, needs_backward: bool) -> Index:
+def _index(q, k, gate, window: int, both: bool, rag: Ragged, needs_backward: bool, t_kv: Tiles) -> Index:
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
+
     def empty():  # a new one each time: a custom op's outputs may not alias each other
         return torch.empty((0,), dtype=torch.int32, device=q.device)
 
     order, n_all = (empty(), empty()) if both else route_order(hard_is_all(gate), hkv)
     ranges = empty()
     if needs_backward and (not both or rag.qpos is not None):  # BOTH alone finds its query blocks in the kernel
-        t_kv = _tiles("dkdv", q.dtype, _block_d(d), both)
         pos, start = query_bounds(bsz, hkv, nq, nk, q.device, rag.seqlens, rag.leftpad, rag.qpos, rag.qstart)
         ranges = dkdv_ranges(None if both else (order, n_all), pos, start, nk, hq // hkv, window, t_kv.m, t_kv.n)
     return Index(order, n_all, ranges)
 
 
 def forward(q, k, v, gate, window: int, scale: float, both: bool, store_branches: bool, seqlens=None, leftpad=None,
-            cu_seqlens_q=None, cu_seqlens_k=None, needs_backward: bool = False):
+            cu_seqlens_q=None, cu_seqlens_k=None, needs_backward: bool = False, dkdv: Tiles | None = None):
     """AHA forward. Returns out [B, Hq, Nq, D], lse2 [S, B, Hq, Nq] float32, branches [2, B, Hq, Nq, D]
-    and the :class:`Index` for the backward (its ranges only when ``needs_backward``).
+    and the :class:`Index` for the backward (its ranges only when ``needs_backward``, for the dk/dv
+    tiles ``dkdv``, default :func:`dkdv_tiles`; pass the same to :func:`backward`). Without backward,
+    few queries per kv group go to the split-KV decode kernel (:func:`decodes`).
 
     seqlens, leftpad: None, or int32 [B] on q's device (cache_seqlens, cache_leftpad): row b reads
     k[b, :, leftpad[b]:seqlens[b]] and its queries sit at seqlens[b] - Nq + i; a query before
@@ -274,12 +291,12 @@ def forward(q, k, v, gate, window: int, scale: float, both: bool, store_branches
     if not needs_backward and decodes(q.shape, k.shape, rag.qpos is not None):
         out = decode(q, k, v, gate, window, scale, rag, dtype)
         lse = torch.empty((1, bsz, hq, nq), dtype=torch.float32, device=dev)  # never read: no backward follows
-        order, n_all, _ = index_shapes(q.shape, k.shape, dtype, False, False, False)
+        order, n_all, _ = index_shapes(q.shape, k.shape, False, False, False, 1)
         empty = torch.empty((0,), dtype=torch.int32, device=dev)
         index = Index(torch.empty(order, dtype=torch.int32, device=dev), torch.empty(n_all, dtype=torch.int32,
                       device=dev), empty)
         return out, lse, torch.empty((0,), dtype=dtype, device=dev), index
-    index = _index(q, k, gate, window, both, rag, needs_backward)
+    index = _index(q, k, gate, window, both, rag, needs_backward, dkdv or dkdv_tiles(dtype, d, both))
     out = torch.empty((bsz, hq, nq, d), dtype=dtype, device=dev)
     if both:
         shape = (2, bsz, hq, nq) if store_branches else (0,)
@@ -405,10 +422,10 @@ def _fwd_launch(gate, index: Index, lse, branches, *, q, k, v, bad, out, rag: Ra
 
 def backward(
     dout, q, k, v, gate, out, lse, branches, window: int, scale: float, both: bool, deterministic: bool, seqlens=None,
-    leftpad=None, cu_seqlens_q=None, cu_seqlens_k=None, index: Index | None = None,
+    leftpad=None, cu_seqlens_q=None, cu_seqlens_k=None, index: Index | None = None, dkdv: Tiles | None = None,
 ):
-    """Gradients of AHA given what :func:`forward` kept (``index``: its Index; recomputed when None or
-    when its ranges are not for this call's tiles). Returns dq, dk, dv and dgate ([B, Hq, Nq] float32
+    """Gradients of AHA given what :func:`forward` kept (``index``: its Index, computed for the dk/dv tiles
+    ``dkdv``, default :func:`dkdv_tiles`; recomputed when None). Returns dq, dk, dv and dgate ([B, Hq, Nq] float32
     when ``both``, else empty). Routed (both=False): the gate must be 0/1. deterministic=False
     accumulates dq with float32 atomics inside the dk/dv pass instead of running a dq pass.
     Ragged arguments as in :func:`forward`; keys no query reads (outside [leftpad[b], seqlens[b]),
@@ -422,10 +439,11 @@ def backward(
     g, tokens, dev = hq // hkv, bsz * hq * nq, q.device
     block_d = _block_d(d)
     none_i32 = torch.zeros(1, dtype=torch.int32, device=dev)
-    t_kv = _tiles("dkdv", dtype, block_d, both)
-    want = index_shapes(q.shape, k.shape, dtype, both, rag.qpos is not None, True)
-    if index is None or tuple(index.ranges.shape) != want[2]:
-        index = _index(q, k, gate, window, both, rag, True)
+    t_kv = dkdv or dkdv_tiles(dtype, d, both)
+    want = index_shapes(q.shape, k.shape, both, rag.qpos is not None, True, t_kv.n)
+    if index is None:
+        index = _index(q, k, gate, window, both, rag, True, t_kv)
+    assert tuple(index.ranges.shape) == want[2], (index.ranges.shape, want)
     delta = torch.empty((2 if both else 1, bsz, hq, nq), dtype=torch.float32, device=dev)
     dgate = torch.empty((bsz, hq, nq) if both else (0,), dtype=torch.float32, device=dev)
     gate32 = gate.to(torch.float32).contiguous() if both else torch.zeros(1, dtype=torch.float32, device=dev)

@@ -47,6 +47,7 @@ def aha_forward(
     both: bool,
     deterministic: bool,
     needs_backward: bool,
+    dkdv: list[int],
     seqlens: Optional[Tensor] = None,  # noqa: UP045 (torch.library infers the schema from typing.Optional)
     leftpad: Optional[Tensor] = None,  # noqa: UP045
     cu_seqlens_q: Optional[Tensor] = None,  # noqa: UP045
@@ -63,12 +64,12 @@ def aha_forward(
 
 
 @aha_forward.register_fake
-def _forward_fake(q, k, v, gate, window, scale, both, deterministic, needs_backward, seqlens=None, leftpad=None,
+def _forward_fake(q, k, v, gate, window, scale, both, deterministic, needs_backward, dkdv, seqlens=None, leftpad=None,
                   cu_seqlens_q=None, cu_seqlens_k=None):
     b, hq, nq, d = q.shape
     lse = q.new_empty((2 if both else 1, b, hq, nq), dtype=torch.float32)
     branches = q.new_empty((2, b, hq, nq, d) if both else (0,))
-    shapes = _launch.index_shapes(q.shape, k.shape, q.dtype, both, cu_seqlens_q is not None, needs_backward)
+    shapes = _launch.index_shapes(q.shape, k.shape, both, cu_seqlens_q is not None, needs_backward, dkdv[1])
     return (q.new_empty(q.shape), lse, branches, *(q.new_empty(shape, dtype=torch.int32) for shape in shapes))
 
 
@@ -89,6 +90,7 @@ def aha_backward(
     scale: float,
     both: bool,
     deterministic: bool,
+    dkdv: list[int],
     seqlens: Optional[Tensor] = None,  # noqa: UP045
     leftpad: Optional[Tensor] = None,  # noqa: UP045
     cu_seqlens_q: Optional[Tensor] = None,  # noqa: UP045
@@ -98,35 +100,35 @@ def aha_backward(
     rag = {"seqlens": seqlens, "leftpad": leftpad, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k}
     if not both and not _routable(gate):  # a soft gate: the forward kept no branches; recompute both
         out, lse, branches, index = _launch.forward(q, k, v, gate, window, scale, both=True, store_branches=True,
-                                                    needs_backward=True, **rag)
+                                                    needs_backward=True, **rag)  # both: its own dk/dv tiles
         dq, dk, dv, _ = _launch.backward(dout, q, k, v, gate, out, lse, branches, window, scale, True, deterministic,
                                          index=index, **rag)
         return dq, dk, dv, torch.empty((0,), dtype=torch.float32, device=q.device)
     index = _launch.Index(order, n_all, ranges)
     return _launch.backward(dout, q, k, v, gate, out, lse, branches, window, scale, both, deterministic, index=index,
-                            **rag)
+                            dkdv=_launch.Tiles(*dkdv), **rag)
 
 
 @aha_backward.register_fake
 def _backward_fake(dout, q, k, v, gate, out, lse, branches, order, n_all, ranges, window, scale, both, deterministic,
-                   seqlens=None, leftpad=None, cu_seqlens_q=None, cu_seqlens_k=None):
+                   dkdv, seqlens=None, leftpad=None, cu_seqlens_q=None, cu_seqlens_k=None):
     dgate = q.new_empty(gate.shape if both else (0,), dtype=torch.float32)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dgate
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, gate, window, scale, both, deterministic, _needs_backward, *ragged = inputs
+    q, k, v, gate, window, scale, both, deterministic, _needs_backward, dkdv, *ragged = inputs
     ctx.save_for_backward(q, k, v, gate, *output, *ragged)
-    ctx.window, ctx.scale, ctx.both, ctx.deterministic = window, scale, both, deterministic
+    ctx.window, ctx.scale, ctx.both, ctx.deterministic, ctx.dkdv = window, scale, both, deterministic, dkdv
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, dout, *_grads_of_saved):
     q, k, v, gate, out, lse, branches, order, n_all, ranges, *ragged = ctx.saved_tensors
     dq, dk, dv, dgate = aha_backward(dout, q, k, v, gate, out, lse, branches, order, n_all, ranges, ctx.window,
-                                     ctx.scale, ctx.both, ctx.deterministic, *ragged)
+                                     ctx.scale, ctx.both, ctx.deterministic, ctx.dkdv, *ragged)
     dgate = dgate.to(gate.dtype) if ctx.both and gate.is_floating_point() else None
-    return dq, dk, dv, dgate, None, None, None, None, None, *(None for _ in ragged)
+    return dq, dk, dv, dgate, None, None, None, None, None, None, *(None for _ in ragged)
 
 
 aha_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -173,5 +175,7 @@ def attention(
 
     ragged = (index(cache_seqlens), index(cache_leftpad), index(cu_seqlens_q), index(cu_seqlens_k))
     needs_backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, gate))
-    out, *_ = aha_forward(q, k, v, gate, window, scale, both, bool(deterministic), needs_backward, *ragged)
+    t = _launch.dkdv_tiles(q.dtype, q.shape[-1], both)  # fixed here: the forward computes ranges for them
+    dkdv = [t.m, t.n, t.warps, t.stages]
+    out, *_ = aha_forward(q, k, v, gate, window, scale, both, bool(deterministic), needs_backward, dkdv, *ragged)
     return out
