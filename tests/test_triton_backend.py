@@ -98,16 +98,16 @@ def test_gradients_match_reference(dtype, gate_grad):
         _close(name, got, r, dtype, kind=1)
 
 
-@pytest.mark.parametrize("d", [128, 256])
+@pytest.mark.parametrize(("d", "tiles_of"), [(128, torch.bfloat16), (256, torch.bfloat16), (128, torch.float32)])
 @pytest.mark.parametrize("gate_grad", [False, True], ids=["routed", "gate-grad"])
-def test_gpu_tile_sizes(d, gate_grad):
-    """The tile sizes used on GPUs (gpu_tiles), over enough tokens for several blocks of each kernel."""
+def test_gpu_tile_sizes(d, tiles_of, gate_grad):
+    """The tile sizes used on GPUs (_launch.TILES: per dtype, head dim and branch), over enough tokens for
+    several blocks of each kernel; float32 inputs, so that the tolerance is float32's."""
     q, k, v, g, dout = _inputs(1, 4, 2, 150, 170, d, torch.float32, seed=d)
     for x in (q, k, v):
         x.requires_grad_(True)
     g.requires_grad_(gate_grad)
-    gpu = {kernel: _launch.gpu_tiles(kernel, d) for kernel in ("fwd", "dkdv", "dq")}
-    with tiles(**gpu):
+    with _launch.gpu_tile_sizes(tiles_of):
         out = ops.attention(q, k, v, g, window=40, deterministic=True)
         grads = torch.autograd.grad(out, [q, k, v] + ([g] if gate_grad else []), dout)
     args = (_np(q), _np(k), _np(v), _np(g), 40)
@@ -160,14 +160,14 @@ def test_deterministic_follows_torch_setting(monkeypatch):
 
 
 def _fwd_modes(monkeypatch):
-    """Record BOTH and STORE_BRANCHES of every forward launch."""
+    """Record BOTH, STORE_BRANCHES and SKIP of every forward launch."""
     modes = []
     kernel = _launch._aha_fwd
 
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                modes.append((kw["BOTH"], kw["STORE_BRANCHES"]))
+                modes.append((kw["BOTH"], kw["STORE_BRANCHES"], kw["SKIP"]))
                 return kernel[grid](*args, **kw)
 
             return launch
@@ -177,15 +177,31 @@ def _fwd_modes(monkeypatch):
 
 
 def test_hard_gate_without_grad_runs_only_the_selected_branch(monkeypatch):
+    """A float gate needs no host check: the routed launch is followed by one that computes only the kv
+    groups with a soft value (none for a 0/1 gate); a bool gate needs no second launch."""
     modes = _fwd_modes(monkeypatch)
     q, k, v, g, dout = _inputs(1, 2, 1, 17, 17, 16, torch.float32)
     q.requires_grad_(True)
+    routed, soft_groups = (False, False, False), (True, False, True)
     aha.attention(q, k, v, g, window=4, backend="triton").backward(dout)  # routed; q's grad needs no branch
     aha.attention(q, k, v, g.requires_grad_(True), window=4, backend="triton")  # dgate needs both branches
     with torch.no_grad():
         aha.attention(q, k, v, g, window=4, backend="triton")  # no grad at all: routed again
-    aha.attention(q, k, v, torch.rand_like(g), window=4, backend="triton")  # soft: both, mixed in the kernel
-    assert modes == [(False, False), (True, True), (False, False), (True, False)]
+    aha.attention(q, k, v, g.detach().bool(), window=4, backend="triton")  # bool: routed, nothing else
+    assert modes == [routed, soft_groups, (True, True, False), routed, soft_groups, routed]
+
+
+def test_soft_gate_without_grad_needs_no_host_sync(monkeypatch):
+    """A soft gate without grad (no backward): routed, then both branches for the groups that need them,
+    with no host check of the gate's values; a kv group of 0/1 values keeps its routed output."""
+    calls = []
+    monkeypatch.setattr(ops, "_routable", lambda gate: calls.append(1) or True)
+    q, k, v, g, _ = _inputs(2, 4, 2, 20, 20, 16, torch.float32, gate="soft", seed=9)
+    g[0, 2:] = (g[0, 2:] > 0.5).to(g.dtype)  # batch 0, kv group 1: a 0/1 gate
+    with torch.no_grad():
+        out = aha.attention(q, k, v, g, window=5, backend="triton")
+    assert calls == []
+    _close("out", out, reference.attention(_np(q), _np(k), _np(v), _np(g), 5), torch.float32)
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "dq-pass"])
@@ -375,9 +391,8 @@ def test_packed_keys_of_one_sequence_never_reach_another(mode, deterministic):
 
 @pytest.mark.parametrize(("case", "mode", "deterministic"), [("packed", "routed", False), ("leftpad", "gate-grad", True)])
 def test_ragged_batches_with_gpu_tile_sizes(case, mode, deterministic):
-    """The GPU tile sizes (query blocks of 128 in the forward, 64 in dk/dv) over sequences of 90 and more
-    keys: packed, and left-padded rows, against the reference."""
-    gpu = {kernel: _launch.gpu_tiles(kernel, 64) for kernel in ("fwd", "dkdv", "dq")}
+    """The bfloat16 GPU tile sizes (query blocks of 128 in the forward, key blocks of 64 in dk/dv) over
+    sequences of 90 and more keys: packed, and left-padded rows, against the reference."""
     if case == "packed":
         shape, cu_q, cu_k = (1, 4, 2, 200, 230, 64), (0, 70, 75, 160, 200), (0, 90, 100, 190, 230)
         rag = {"cu_seqlens_q": torch.tensor(cu_q, device=DEVICE), "cu_seqlens_k": torch.tensor(cu_k, device=DEVICE)}
@@ -385,9 +400,76 @@ def test_ragged_batches_with_gpu_tile_sizes(case, mode, deterministic):
         shape = (2, 4, 2, 150, 170, 64)
         rag = {"cache_leftpad": torch.tensor([30, 100], device=DEVICE), "cache_seqlens": torch.tensor([170, 160], device=DEVICE)}
     q, k, v, g, dout = _inputs(*shape, torch.float32, seed=len(case))
-    with tiles(**gpu):
+    with _launch.gpu_tile_sizes(torch.bfloat16):
         out, grads = _ragged_grads(q, k, v, g, dout, 40, mode, deterministic, rag)
     _finite_and_close(out, grads, *_reference(q, k, v, g, dout, 40, rag))
+
+
+DECODE_GATES = {"hard": lambda u: (u < 0.3).double(), "soft": lambda u: u, "here": torch.zeros_like,
+                "all": torch.ones_like}
+
+
+def _decode_spy(monkeypatch):
+    used = []
+    real = _launch.decode
+    monkeypatch.setattr(_launch, "decode", lambda *a, **kw: used.append(a[0].shape) or real(*a, **kw))
+    monkeypatch.setattr(_launch, "DECODE_BLOCKS_PER_SPLIT", 1)  # many splits on a short cache: the merge matters
+    return used
+
+
+@pytest.mark.parametrize("gate", list(DECODE_GATES))
+@pytest.mark.parametrize("nq", [1, 4])
+def test_split_kv_decode_matches_reference_with_ragged_rows_and_nan(monkeypatch, nq, gate):
+    """Decode (no grad, few queries): split-KV kernel and merge against the reference, GQA, cache_seqlens and
+    cache_leftpad, hard and soft gates. NaN/inf keys and values sit in padding slots, past each row's length
+    and outside every window (never read: no NaN out), and inside rows' ranges (their rows come out NaN)."""
+    used = _decode_spy(monkeypatch)
+    b, hq, hkv, nk, d, window = 3, 4, 2, 70, 16, 9
+    q, k, v, _, _ = _inputs(b, hq, hkv, nq, nk, d, torch.float32, seed=nq)
+    g = DECODE_GATES[gate](torch.rand(b, hq, nq, generator=torch.Generator().manual_seed(7))).to(DEVICE, torch.float32)
+    seqlens = torch.tensor([70, 50, 12], dtype=torch.int32, device=DEVICE)
+    leftpad = torch.tensor([0, 5, 10], dtype=torch.int32, device=DEVICE)
+    k[1, :, 20:30], v[1, :, 50:] = float("nan"), float("nan")  # row 1: NaN keys only All reads; past its length
+    v[2, :, :10], k[2, :, :10] = float("nan"), float("inf")  # row 2: its padding slots
+    v[0, :, 3] = float("nan")  # row 0: far outside every window
+    with tiles(decode=Tiles(16, 16)):
+        out = aha.attention(q, k, v, g, window=window, backend="triton", cache_seqlens=seqlens, cache_leftpad=leftpad)
+    assert used, "the split-KV decode kernel did not run"
+    ref = reference.attention(_np(q), _np(k), _np(v), _np(g), window, cache_seqlens=seqlens.cpu().numpy(),
+                              cache_leftpad=leftpad.cpu().numpy())
+    got = _np(out)
+    assert np.array_equal(np.isnan(got), np.isnan(ref))
+    if gate == "here":  # no row reads row 1's NaN keys through its window, or row 0's far NaN value
+        assert np.isfinite(ref[[0, 1]]).all()
+    _close("out", torch.from_numpy(np.nan_to_num(got)), np.nan_to_num(ref), torch.float32)
+
+
+def test_split_kv_decode_groups_of_here_rows_see_only_their_windows(monkeypatch):
+    """A kv group whose query heads are all Here depends only on their windows (the kernel reads no other
+    key block of it): every other key and value is NaN, and its outputs are finite and equal the reference;
+    a bfloat16 cache, its tolerance."""
+    _decode_spy(monkeypatch)
+    b, hq, hkv, nk, d, window = 2, 4, 2, 90, 32, 6
+    q, k, v, _, _ = _inputs(b, hq, hkv, 1, nk, d, torch.bfloat16, seed=3)
+    g = torch.zeros(b, hq, 1, device=DEVICE, dtype=torch.bfloat16)
+    g[1, 2] = 1  # batch 1, kv head 1 has an All head: it reads its whole cache
+    k[:, 0, : nk - window], v[:, 0, : nk - window] = float("nan"), float("nan")
+    k[0, 1, : nk - window] = float("nan")
+    with tiles(decode=Tiles(16, 16)):
+        out = aha.attention(q, k, v, g, window=window, backend="triton")
+    ref = reference.attention(_np(q), _np(k), _np(v), _np(g), window)
+    assert np.isfinite(_np(out)[:, :2]).all() and np.isfinite(_np(out)[0]).all()
+    _close("out", out, ref, torch.bfloat16)
+
+
+def test_decode_kernel_serves_only_forwards_without_grad(monkeypatch):
+    used = _decode_spy(monkeypatch)
+    q, k, v, g, dout = _inputs(1, 2, 1, 1, 20, 16, torch.float32)
+    aha.attention(q.requires_grad_(True), k, v, g, window=4, backend="triton").backward(dout[:, :, :1])
+    assert used == []
+    with torch.no_grad():
+        aha.attention(q, k, v, g, window=4, backend="triton")
+    assert len(used) == 1
 
 
 def test_route_order_is_a_stable_partition():
@@ -493,16 +575,19 @@ def test_capabilities_and_availability(monkeypatch):
 
 def test_custom_op_passes_opcheck():
     q, k, v, g, _ = _inputs(1, 2, 1, 9, 12, 16, torch.float32, seed=1)
+    kv = [16, 16, 4, 2]  # dk/dv tiles: m, n, warps, stages
     for both, gate in ((False, g), (True, g.clone().requires_grad_(True))):
-        args = (q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True), gate, 3, 0.25, both, True)
+        args = (q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True), gate, 3, 0.25, both, True, True,
+                kv)
         torch.library.opcheck(ops.aha_forward, args)
     seqlens = torch.tensor([10], dtype=torch.int32, device=DEVICE)
-    torch.library.opcheck(ops.aha_forward, (q, k, v, g.clone().requires_grad_(True), 3, 0.25, True, True, seqlens))
+    torch.library.opcheck(ops.aha_forward, (q, k, v, g.clone().requires_grad_(True), 3, 0.25, True, True, True, kv,
+                                            seqlens))
     leftpad = torch.tensor([4], dtype=torch.int32, device=DEVICE)  # queries 1..3 are padding
-    torch.library.opcheck(ops.aha_forward, (q, k, v, g, 3, 0.25, False, False, seqlens, leftpad))
+    torch.library.opcheck(ops.aha_forward, (q, k, v, g, 3, 0.25, False, False, True, kv, seqlens, leftpad))
     cu_q, cu_k = torch.tensor([0, 4, 9], device=DEVICE), torch.tensor([0, 5, 12], device=DEVICE)
-    torch.library.opcheck(ops.aha_forward, (q, k, v, g.clone().requires_grad_(True), 3, 0.25, True, False, None, None,
-                                            cu_q, cu_k))
+    torch.library.opcheck(ops.aha_forward, (q, k, v, g.clone().requires_grad_(True), 3, 0.25, True, False, True, kv,
+                                            None, None, cu_q, cu_k))
 
 
 def _traced_by_dynamo(module) -> bool:
@@ -560,16 +645,60 @@ def test_torch_compile_fullgraph_with_ragged_batches(case):
 
 
 def test_kernels_compile_for_sm90_without_spilling():
-    """The whole GPU pipeline (down to cubin, with the GPU tile sizes) runs offline; see aha_triton._aot."""
+    """The whole GPU pipeline (down to cubin, with the GPU tile sizes) runs offline; see aha_triton._aot.
+    bfloat16 at D=128, every plain variant: no spill (ptxas -v), shared memory within an H100/H200's,
+    wgmma in every matmul kernel. A tile that does spill is caught (the check can fail)."""
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    code = "import json, aha_triton._aot as a; print(json.dumps(a.compile_all(90, 'quick')))"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    code = (
+        "import json, aha_triton._aot as a; from aha_triton._launch import Tiles;"
+        "print(json.dumps(a.compile_all(90, 'test')));"
+        "print(json.dumps(a.compile_problem(90, 'bfloat16', 128, (), {'fwd': Tiles(64, 128, 4, 2)}, ('_aha_fwd',))))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
     if run.returncode and "ptxas" in run.stderr and "not found" in run.stderr.lower():
         pytest.skip("triton's ptxas is not available")
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = __import__("json").loads(run.stdout.strip().splitlines()[-1])
-    assert {r["kernel"] for r in rows} == {"_aha_fwd", "_aha_bwd_preprocess", "_aha_bwd_dkdv", "_aha_bwd_dq"}
+    rows, spilling = (__import__("json").loads(line) for line in run.stdout.strip().splitlines()[-2:])
+    from aha_triton import _aot
+
+    assert {r["kernel"] for r in rows} == set(_aot._KERNELS)  # every kernel of the backend
     for r in rows:
-        assert r["local"] == 0, f"{r['kernel']} spills: {r}"
-        assert r["shared_triton"] <= 227 * 1024, f"{r['kernel']} needs more shared memory than an H100/H200 has"
-        assert r["kernel"] == "_aha_bwd_preprocess" or r["wgmma"] > 0, f"{r['kernel']} does not use wgmma"
+        assert _aot.problems_of(r) == [], r["variant"]
+        assert r["stack"] == r["spill_stores"] == 0 and r["shared_triton"] <= _aot.SMEM_LIMIT, r
+        if r["kernel"] in ("_aha_fwd", "_aha_bwd_dkdv", "_aha_bwd_dq"):  # decode: 16 rows, mma.sync
+            assert r["wgmma"] > 0, f"{r['variant']}: no wgmma"
+    routed = next(r for r in spilling if not r["BOTH"])
+    assert routed["spill_stores"] > 0 and any("spills" in p for p in _aot.problems_of(routed)), routed
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_gpu_script_bootstrap_needs_no_install():
+    """benchmarks/gpu.py makes this checkout's aha, its backends' entry points and the pytest plugin
+    visible without installing: in an isolated interpreter (-I: no PYTHONPATH, no user site), the
+    registry's triton backend and pytest's aha plugin both come from this checkout."""
+    code = (
+        "import sys, importlib.metadata as md; sys.path.insert(0, 'benchmarks'); import gpu; gpu.bootstrap();"
+        "eps = {e.name: e for e in md.entry_points(group='aha')};"
+        "print(eps['triton'].load().__file__); print(md.entry_points(group='pytest11')['aha'].load().__file__)"
+    )
+    run = subprocess.run([sys.executable, "-I", "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    plugin, pytest_plugin = run.stdout.split()
+    assert plugin == str(ROOT / "backends" / "aha_triton" / "plugin.py")
+    assert pytest_plugin == str(ROOT / "src" / "aha" / "testing" / "pytest_plugin.py")
+
+
+def test_gpu_script_reads_the_entry_points_of_pyproject():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    text = (ROOT / "pyproject.toml").read_text()
+    project = tomllib.loads(text)["project"]
+    name, version, groups = gpu.pyproject_metadata(text)
+    assert (name, version) == (project["name"], project["version"])
+    assert groups == {**project["entry-points"], "console_scripts": project["scripts"]}

@@ -101,7 +101,8 @@ def _dkdv_finish(dk, dv, dsT, wpT, q, do, k_safe, token, valid, DQ, scale, FUSE_
     if FUSE_DQ:
         d = tl.arange(0, TILE[2])
         dq = tl.dot(tl.trans(dsT).to(k_safe.dtype), k_safe, input_precision=TILE[3]) * scale  # (M, D)
-        tl.atomic_add(DQ + token[:, None] * TILE[0] + d[None, :], dq, mask=valid[:, None] & (d[None, :] < TILE[0]))
+        tl.atomic_add(DQ + token[:, None] * TILE[0] + d[None, :], dq, mask=valid[:, None] & (d[None, :] < TILE[0]),
+                      sem="relaxed")  # no ordering needed: dq is read after the kernel ends
     return dk, dv
 
 

@@ -125,12 +125,19 @@ def _finite(x):
 
 
 @triton.jit
-def _any_bad(x):
-    """Scalar: some entry of x is NaN or +-inf (x * 0 is NaN exactly there)."""
-    return tl.sum(tl.sum(x.to(tl.float32) * 0.0, 1), 0) != 0.0
+def _aha_bad_keys(V, BAD, stride_vb, stride_vh, stride_vn, HKV, NK, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """BAD [B * Hkv, NK] int8: 1 where the value row of a key holds a NaN or an inf, else 0.
 
-
-@triton.jit
-def _bad_columns(v):
-    """[BLOCK_N, BLOCK_D] -> [BLOCK_N] int32: 1 where the key row holds a NaN or an inf."""
-    return tl.max(tl.where(_finite(v), 0, 1), 1)
+    Computed once per forward, so that the attention loop never inspects values: a masked key
+    block loads its flags, reads flagged value rows as 0 (0 * NaN would reach rows that do not
+    read them) and marks the rows that do read one (their output is NaN, as in the reference).
+    Grid: (cdiv(NK, BLOCK_R), B * Hkv)."""
+    bh = tl.program_id(1)
+    j = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_D)
+    base = V + (bh // HKV).to(tl.int64) * stride_vb + (bh % HKV).to(tl.int64) * stride_vh
+    v = tl.load(base + j[:, None].to(tl.int64) * stride_vn + d[None, :], mask=(j[:, None] < NK) & (d[None, :] < HEAD_DIM),
+                other=0.0)
+    bad = tl.max(tl.where(_finite(v), 0, 1), 1)
+    tl.store(BAD + bh.to(tl.int64) * NK + j, bad.to(tl.int8), mask=j < NK)

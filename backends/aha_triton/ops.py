@@ -6,9 +6,14 @@
 Which kernels run:
 * ``both`` (the gate needs grad): every token computes All and Here, the forward
   keeps both outputs and lse, and the backward also returns dgate.
-* otherwise, a 0/1 gate: each token computes only its selected branch.
-* otherwise (a soft gate that needs no grad): both branches, mixed in the kernel;
-  a backward for q, k or v recomputes them.
+* otherwise each token computes only its selected branch (routed). A float gate is not
+  checked on the host (no sync): the kv groups that hold a value strictly between 0 and 1
+  are computed again with both branches, mixed, by a second launch whose other programs
+  return at once. A backward for q, k or v after a float gate checks it (one sync) and,
+  for a soft one, recomputes both branches.
+
+The forward computes the routing (order, n_all) and, when a backward follows, the dk/dv
+pass's key-block ranges once; they are saved for the backward (non-differentiable outputs).
 
 Ragged batches: the last arguments of both ops, none differentiable, all optional:
 ``seqlens`` and ``leftpad`` (int32 [B]: cache_seqlens, cache_leftpad) or ``cu_seqlens_q`` and
@@ -41,30 +46,31 @@ def aha_forward(
     scale: float,
     both: bool,
     deterministic: bool,
+    needs_backward: bool,
+    dkdv: list[int],
     seqlens: Optional[Tensor] = None,  # noqa: UP045 (torch.library infers the schema from typing.Optional)
     leftpad: Optional[Tensor] = None,  # noqa: UP045
     cu_seqlens_q: Optional[Tensor] = None,  # noqa: UP045
     cu_seqlens_k: Optional[Tensor] = None,  # noqa: UP045
-) -> tuple[Tensor, Tensor, Tensor]:
-    """out [B, Hq, Nq, D], lse2 [S, B, Hq, Nq] float32 (S = 2 if both else 1), branches ([2, B, Hq, Nq, D] or empty).
-
-    ``deterministic`` is only recorded for the backward.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """out [B, Hq, Nq, D], lse2 [S, B, Hq, Nq] float32 (S = 2 if both else 1), branches ([2, B, Hq, Nq, D] or
+    empty), and the backward's index: order, n_all, ranges (see _launch.Index; ranges empty unless
+    ``needs_backward``). ``deterministic`` is only recorded for the backward.
     """
     rag = {"seqlens": seqlens, "leftpad": leftpad, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k}
-    if not both and not _routable(gate):
-        out, _, _ = _launch.forward(q, k, v, gate, window, scale, both=True, store_branches=False, **rag)
-        lse = torch.empty((1, *gate.shape), dtype=torch.float32, device=q.device)
-        return out, lse, torch.empty((0,), dtype=q.dtype, device=q.device)
-    return _launch.forward(q, k, v, gate, window, scale, both=both, store_branches=both, **rag)
+    out, lse, branches, index = _launch.forward(q, k, v, gate, window, scale, both=both, store_branches=both,
+                                                needs_backward=needs_backward, **rag)
+    return out, lse, branches, index.order, index.n_all, index.ranges
 
 
 @aha_forward.register_fake
-def _forward_fake(q, k, v, gate, window, scale, both, deterministic, seqlens=None, leftpad=None, cu_seqlens_q=None,
-                  cu_seqlens_k=None):
+def _forward_fake(q, k, v, gate, window, scale, both, deterministic, needs_backward, dkdv, seqlens=None, leftpad=None,
+                  cu_seqlens_q=None, cu_seqlens_k=None):
     b, hq, nq, d = q.shape
     lse = q.new_empty((2 if both else 1, b, hq, nq), dtype=torch.float32)
     branches = q.new_empty((2, b, hq, nq, d) if both else (0,))
-    return q.new_empty(q.shape), lse, branches
+    shapes = _launch.index_shapes(q.shape, k.shape, both, cu_seqlens_q is not None, needs_backward, dkdv[1])
+    return (q.new_empty(q.shape), lse, branches, *(q.new_empty(shape, dtype=torch.int32) for shape in shapes))
 
 
 @torch.library.custom_op("aha_triton::backward", mutates_args=())
@@ -77,10 +83,14 @@ def aha_backward(
     out: Tensor,
     lse: Tensor,
     branches: Tensor,
+    order: Tensor,
+    n_all: Tensor,
+    ranges: Tensor,
     window: int,
     scale: float,
     both: bool,
     deterministic: bool,
+    dkdv: list[int],
     seqlens: Optional[Tensor] = None,  # noqa: UP045
     leftpad: Optional[Tensor] = None,  # noqa: UP045
     cu_seqlens_q: Optional[Tensor] = None,  # noqa: UP045
@@ -88,36 +98,37 @@ def aha_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv, and dgate ([B, Hq, Nq] float32 if both, else empty)."""
     rag = {"seqlens": seqlens, "leftpad": leftpad, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k}
-    if not both and not _routable(gate):  # the forward mixed a soft gate and kept no branches
-        out, lse, branches = _launch.forward(q, k, v, gate, window, scale, both=True, store_branches=True, **rag)
+    if not both and not _routable(gate):  # a soft gate: the forward kept no branches; recompute both
+        out, lse, branches, index = _launch.forward(q, k, v, gate, window, scale, both=True, store_branches=True,
+                                                    needs_backward=True, **rag)  # both: its own dk/dv tiles
         dq, dk, dv, _ = _launch.backward(dout, q, k, v, gate, out, lse, branches, window, scale, True, deterministic,
-                                         **rag)
+                                         index=index, **rag)
         return dq, dk, dv, torch.empty((0,), dtype=torch.float32, device=q.device)
-    return _launch.backward(dout, q, k, v, gate, out, lse, branches, window, scale, both, deterministic, **rag)
+    index = _launch.Index(order, n_all, ranges)
+    return _launch.backward(dout, q, k, v, gate, out, lse, branches, window, scale, both, deterministic, index=index,
+                            dkdv=_launch.Tiles(*dkdv), **rag)
 
 
 @aha_backward.register_fake
-def _backward_fake(dout, q, k, v, gate, out, lse, branches, window, scale, both, deterministic, seqlens=None,
-                   leftpad=None, cu_seqlens_q=None, cu_seqlens_k=None):
+def _backward_fake(dout, q, k, v, gate, out, lse, branches, order, n_all, ranges, window, scale, both, deterministic,
+                   dkdv, seqlens=None, leftpad=None, cu_seqlens_q=None, cu_seqlens_k=None):
     dgate = q.new_empty(gate.shape if both else (0,), dtype=torch.float32)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dgate
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, gate, window, scale, both, deterministic, *ragged = inputs
-    out, lse, branches = output
-    ctx.save_for_backward(q, k, v, gate, out, lse, branches, *ragged)
-    ctx.window, ctx.scale, ctx.both, ctx.deterministic = window, scale, both, deterministic
-    ctx.mark_non_differentiable(lse, branches)
+    q, k, v, gate, window, scale, both, deterministic, _needs_backward, dkdv, *ragged = inputs
+    ctx.save_for_backward(q, k, v, gate, *output, *ragged)
+    ctx.window, ctx.scale, ctx.both, ctx.deterministic, ctx.dkdv = window, scale, both, deterministic, dkdv
+    ctx.mark_non_differentiable(*output[1:])
 
 
-def _backward(ctx, dout, _dlse, _dbranches):
-    q, k, v, gate, out, lse, branches, *ragged = ctx.saved_tensors
-    dq, dk, dv, dgate = aha_backward(
-        dout, q, k, v, gate, out, lse, branches, ctx.window, ctx.scale, ctx.both, ctx.deterministic, *ragged
-    )
+def _backward(ctx, dout, *_grads_of_saved):
+    q, k, v, gate, out, lse, branches, order, n_all, ranges, *ragged = ctx.saved_tensors
+    dq, dk, dv, dgate = aha_backward(dout, q, k, v, gate, out, lse, branches, order, n_all, ranges, ctx.window,
+                                     ctx.scale, ctx.both, ctx.deterministic, ctx.dkdv, *ragged)
     dgate = dgate.to(gate.dtype) if ctx.both and gate.is_floating_point() else None
-    return dq, dk, dv, dgate, None, None, None, None, *(None for _ in ragged)
+    return dq, dk, dv, dgate, None, None, None, None, None, None, *(None for _ in ragged)
 
 
 aha_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -163,5 +174,8 @@ def attention(
         return None if x is None else x.to(device=q.device, dtype=torch.int32).contiguous()
 
     ragged = (index(cache_seqlens), index(cache_leftpad), index(cu_seqlens_q), index(cu_seqlens_k))
-    out, _, _ = aha_forward(q, k, v, gate, window, scale, both, bool(deterministic), *ragged)
+    needs_backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, gate))
+    t = _launch.dkdv_tiles(q.dtype, q.shape[-1], both)  # fixed here: the forward computes ranges for them
+    dkdv = [t.m, t.n, t.warps, t.stages]
+    out, *_ = aha_forward(q, k, v, gate, window, scale, both, bool(deterministic), needs_backward, dkdv, *ragged)
     return out
