@@ -36,7 +36,7 @@ def _transformers_tests(session) -> str:
     """The tests/ folder of the installed transformers' sdist, downloaded at test time (never kept in this repo):
     tests/test_hf_upstream.py runs its model test mixins on the AHA models."""
     version = session.run("python", "-c", "import transformers; print(transformers.__version__)", silent=True).strip()
-    dest = Path(session.cache_dir) / f"transformers-{version}-tests"
+    dest = Path(session.cache_dir).resolve() / f"transformers-{version}-tests"  # absolute: the tests link to it
     top = f"transformers-{version}"
     if not (dest / top / "tests").is_dir():
         session.run("pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", str(dest), f"transformers=={version}")

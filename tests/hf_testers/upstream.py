@@ -33,7 +33,7 @@ MISSING = (
 def sdist_tests() -> Path | None:
     """The sdist's tests/ folder named by the environment, or None."""
     path = os.environ.get(ENV)
-    return Path(path) if path and (Path(path) / FILES[0]).is_file() else None
+    return Path(path).resolve() if path and (Path(path) / FILES[0]).is_file() else None  # links need it absolute
 
 
 def _check_version(tests: Path) -> None:
