@@ -85,8 +85,8 @@ for _d in (16, 32, 64, 128, 256):
     TILES["fwd", "both", "16", _d] = (T(64, 16, 8, 2),) if _big else (T(64, 32, 8, 3),)
     TILES["dq", "routed", "16", _d] = (T(32, 32, 8, 2),) if _big else (T(64, 64, 8, 2), T(64, 32, 8, 2))
     TILES["dq", "both", "16", _d] = (T(32, 32, 8, 2),) if _big else (T(64, 32, 8, 2),)
-    for _branch in ("routed", "both"):
-        TILES["dkdv", _branch, "16", _d] = (T(16, 32, 8, 2),) if _big else (T(32, 64, 8, 2), T(16, 128, 8, 2))
+    TILES["dkdv", "routed", "16", _d] = (T(16, 32, 8, 2),) if _big else (T(32, 64, 8, 2), T(16, 128, 8, 2))
+    TILES["dkdv", "both", "16", _d] = (T(16, 32, 8, 2),) if _big else (T(32, 64, 8, 3), T(16, 128, 8, 2))
     # 32 bits: FMA dots (no tensor cores) hold their tiles in registers: small tiles over 8 warps
     _small = _d <= 64
     TILES["fwd", "routed", "32", _d] = (T(32, 32, 8, 2),) if _small else (T(16, 32, 8, 2),)
@@ -95,7 +95,7 @@ for _d in (16, 32, 64, 128, 256):
         TILES["dkdv", _branch, "32", _d] = (T(16, 32, 8, 2),)
         TILES["dq", _branch, "32", _d] = (T(32, 32, 8, 2),) if _small else (T(16, 32, 8, 2),)
     # split-KV decode: m = rows per block (G * Nq, padded to at least 16), n = keys per block
-    TILES["decode", "routed", "16", _d] = (T(16, 64, 8, 3), T(16, 128, 8, 2), T(16, 64, 4, 2))
+    TILES["decode", "routed", "16", _d] = (T(16, 64, 8, 2),) if _big else (T(16, 128, 8, 3), T(16, 64, 8, 2))
     TILES["decode", "routed", "32", _d] = (T(16, 32, 8, 2),)
 del T, _big, _small
 
