@@ -1,10 +1,14 @@
-"""Stands for upstream's tests/distributed_testing_utils.py (not in the sdist): `run_distributed`
-runs a function on ``world_size`` CPU processes joined by gloo, as the tensor-parallel mixin needs."""
+"""Stands for upstream's tests/distributed_testing_utils.py (not in the sdist), on the CPU with gloo:
+`run_distributed` runs a function on ``world_size`` processes, as the tensor-parallel mixin needs; the
+``_get_*`` / ``_set_rank_device`` / ``_start_rank_processes`` helpers are what the FSDP mixin imports."""
 
 from __future__ import annotations
 
 import os
 import socket
+
+# fork: the ranks inherit the loaded torch and transformers (a spawned rank spends most of a test importing them)
+_START = os.environ.get("AHA_DISTRIBUTED_START", "fork")
 
 
 def _free_port() -> int:
@@ -36,9 +40,41 @@ def run_distributed(world_size: int):
             import torch.multiprocessing as mp
 
             mp.start_processes(
-                _rank_main, args=(world_size, _free_port(), fn, args), nprocs=world_size, start_method="spawn"
+                _rank_main, args=(world_size, _free_port(), fn, args), nprocs=world_size, start_method=_START
             )
 
         return call
 
     return wrap
+
+
+def _get_distributed_backend() -> str:
+    return "gloo"
+
+
+def _get_distributed_device_type() -> str:
+    return "cpu"
+
+
+def _get_rank_device(rank: int):
+    import torch
+
+    return torch.device("cpu")
+
+
+def _set_rank_device(rank: int) -> None:
+    """Nothing to pin on the CPU."""
+
+
+def _start_rank_processes(fn, args=(), nprocs: int = 2) -> None:
+    """Calls ``fn(rank, *args)`` on ``nprocs`` spawned processes (each with one torch thread); raises if any fails."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_one_thread, args=(fn, args), nprocs=nprocs, start_method=_START)
+
+
+def _one_thread(rank: int, fn, args) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    fn(rank, *args)

@@ -10,16 +10,3 @@ BY_DESIGN = {
         "chosen per token and head by the router"
     ),
 }
-
-# Left out of the default run to keep CI short (each spawns 2 processes that load the models: 10-20 s);
-# AHA_HF_UPSTREAM_ALL=1 runs them. Every model keeps test_tp_backward (TP loss and gradients equal
-# the unsharded ones, and runs the forward that used to crash AHA-Llama); AHA-Llama keeps generation too.
-FOR_TIME = {
-    f"{cls}.{test}": "tensor-parallel runs of 10-20 s each: AHA_HF_UPSTREAM_ALL=1 runs them"
-    for cls, tests in (
-        ("FAOlmoModelTest", ("test_tp_forward_0", "test_tp_forward_1", "test_tp_generation")),
-        ("AHAQwen2ModelTest", ("test_tp_forward_0", "test_tp_forward_1", "test_tp_generation")),
-        ("AHALlamaModelTest", ("test_tp_forward_0", "test_tp_forward_1")),
-    )
-    for test in tests
-}

@@ -83,3 +83,38 @@ class AHAQwen2Tester(AHACausalLMTester):
 
 
 TESTERS = (FAOlmoTester, AHALlamaTester, AHAQwen2Tester)
+
+
+def _controls() -> tuple:
+    """The same testers on transformers' plain models (Olmo2, Llama, Qwen2): the control run."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaModel,
+        Olmo2Config,
+        Olmo2ForCausalLM,
+        Olmo2Model,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen2Model,
+    )
+
+    classes = {
+        "Olmo2": (Olmo2Config, Olmo2Model, Olmo2ForCausalLM),
+        "Llama": (LlamaConfig, LlamaModel, LlamaForCausalLM),
+        "Qwen2": (Qwen2Config, Qwen2Model, Qwen2ForCausalLM),
+    }
+    return tuple(
+        type(
+            f"{name}ControlTester",
+            (AHACausalLMTester,),
+            dict(zip(("config_class", "base_model_class", "causal_lm_class"), trio), get_config=_plain_config),
+        )
+        for name, trio in classes.items()
+    )
+
+
+def _plain_config(self):
+    config = AHACausalLMTester.get_config(self)
+    del config.local_window_size  # the plain models have no window
+    return config

@@ -17,7 +17,12 @@ from pathlib import Path
 
 ENV = "AHA_TRANSFORMERS_TESTS"
 PACKAGE = "hf_upstream"
-FILES = ("test_modeling_common.py", "test_configuration_common.py", "test_tensor_parallel_mixin.py")
+FILES = (
+    "test_modeling_common.py",
+    "test_configuration_common.py",
+    "test_tensor_parallel_mixin.py",
+    "test_fsdp_mixin.py",
+)
 SHIMS = {  # module path in the package -> our file standing for it
     "generation/test_utils.py": "shim_generation.py",
     "exporters/test_export.py": "shim_export.py",
