@@ -26,6 +26,12 @@ from aha.validation import FLOAT_DTYPES, Problem, is_compiling
 __all__ = ["Backend", "Capabilities", "BackendInfo", "PluginError", "BackendError", "registry", "select_backend"]
 
 
+LOAD_WHILE_TRACING = (
+    "aha: the backends load on first use, and torch.compile cannot trace loading them; "
+    "call aha.backends() once before compiling code that calls aha.attention"
+)
+
+
 class PluginError(RuntimeError):
     """A plugin failed to load (raised only with AHA_STRICT_PLUGINS=1)."""
 
@@ -183,11 +189,14 @@ class Registry:
     def _ensure_loaded(self) -> None:
         if self._ready:  # lock-free once loaded, so that torch.compile(fullgraph=True) can trace aha.attention
             return
-        if is_compiling():  # loading imports plugins: torch.compile cannot trace that
-            raise RuntimeError(
-                "aha: the backends load on first use, and torch.compile cannot trace loading them; "
-                "call aha.backends() once before compiling code that calls aha.attention"
-            )
+        if is_compiling():  # loading imports plugins: torch.compile cannot trace that; a graph break runs it
+            from aha._compile import eager_load
+
+            eager_load(self)
+            return
+        self._load()
+
+    def _load(self) -> None:
         with self._lock:
             if not self._loaded:
                 self._loaded = True
