@@ -119,7 +119,9 @@ class Backend:
             ``out`` [B, Hq, Nq, D] in q's dtype on q's device. A backend that
             declares ``seqlens`` also gets ``cache_seqlens=`` when the caller gave it; likewise
             ``cache_leftpad=`` (``leftpad``) and ``cu_seqlens_q=``, ``cu_seqlens_k=``,
-            ``max_seqlen_q=``, ``max_seqlen_k=`` (``packed``). Never a keyword it did not declare.
+            ``max_seqlen_q=``, ``max_seqlen_k=`` (``packed``). Never a keyword it did not declare,
+            and never a call without queries (B, Hq or Nq is 0): ``aha.attention`` answers those
+            itself, with an empty output, once it has chosen the backend.
         capabilities: what it can serve; see ``Capabilities``.
         priority: ``backend=None`` picks the highest-priority available backend
             whose capabilities accept the call.
