@@ -46,7 +46,9 @@ def test_valid_call_works():
         (lambda q, k, v, g: (q, k.numpy(), v, g), TypeError, ["must all be numpy arrays or all torch tensors"]),
         (lambda q, k, v, g: (q, k, v, g.numpy()), TypeError, ["gate must be a torch array"]),
         (lambda q, k, v, g: (q, k, v, [[1.0]]), TypeError, ["gate must be a numpy.ndarray or torch.Tensor, got list"]),
-        (lambda q, k, v, g: (q[:, :, :0], k, v, g[:, :, :0]), ValueError, ["every dimension must be >= 1"]),
+        (lambda q, k, v, g: (q[..., :0], k[..., :0], v[..., :0], g), ValueError, ["head dim D must be >= 1", "(1, 4, 5, 0)"]),
+        (lambda q, k, v, g: (q, k[:, :0], v[:, :0], g), ValueError, ["at least one kv head", "Hq=4", "Hkv=0"]),
+        (lambda q, k, v, g: (q, k[:, :, :0], v[:, :, :0], g), ValueError, ["Nq=5 > Nk=0"]),
     ],
 )
 def test_bad_input_is_named(mutate, exc, words):

@@ -58,6 +58,10 @@ def attention(
         backend (str | None): a registered backend name, or None for the highest-priority
             available backend whose capabilities accept these inputs.
 
+    B, Hq and Nq may be 0 (Nk too, with Nq = 0; Hkv too, with Hq = 0), as SDPA allows: such a call
+    returns an output with no entry, after choosing the backend as for any call but without
+    running it; no key is read, so k and v get zero gradients.
+
     Returns:
         out (Tensor | ndarray): [B, Hq, Nq, D] in q's dtype: ``gate * All + (1 - gate) * Here``,
             selecting (never blending) where the gate is exactly 0 or 1, so a
@@ -83,7 +87,20 @@ def attention(
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
     chosen = select_backend(problem, backend)
+    if problem.empty:  # no query: the one result there is, whichever backend (they never see such a call)
+        return _empty_output(q, k, v, gate, problem.array)
     return chosen.forward(q, k, v, gate, window=problem.window, scale=scale, **problem.ragged.kwargs())
+
+
+def _empty_output(q, k, v, gate, array: str):
+    """Zeros of q's shape (no entry), dtype and device; differentiable, with zero gradients for k and v."""
+    if array == "numpy":
+        import numpy as np
+
+        return np.zeros(q.shape, dtype=q.dtype)
+    from aha.torch_ops import EmptyAttention
+
+    return EmptyAttention.apply(q, k, v, gate)
 
 
 def select(q, k, v, gate, *, window, scale=None, backend=None, **ragged) -> str:

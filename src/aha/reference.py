@@ -131,7 +131,10 @@ def attention(q, k, v, gate, window, scale=None, cache_seqlens=None, **ragged):
     or packed sequences ``cu_seqlens_q``, ``cu_seqlens_k`` ([S + 1] ints, B = 1); see
     `aha.sequences`. Each sequence is computed alone, on its own slices of q, k, v.
     """
-    if cache_seqlens is not None or _given(ragged):
+    is_ragged = cache_seqlens is not None or _given(ragged)
+    if _no_query(q):  # B, Hq or Nq is 0: an output with no entry
+        return np.zeros(np.shape(q))
+    if is_ragged:
         return _each_segment(attention, (q, k, v, gate), window, scale, cache_seqlens, ragged)[0]
     q, k, v, g, scale = _prepare(q, k, v, gate, scale)
     out_all = branch_forward(q, k, v, window, True, scale)
@@ -148,7 +151,10 @@ def attention_vjp(q, k, v, gate, window, dout, scale=None, cache_seqlens=None, *
     With ragged batches (``cache_seqlens``, ``ragged`` as in `attention`), keys no sequence
     reads (past ``cache_seqlens[b]``, before ``cache_leftpad[b]``) and padding queries get zero gradient.
     """
-    if cache_seqlens is not None or _given(ragged):
+    is_ragged = cache_seqlens is not None or _given(ragged)
+    if _no_query(q):  # no key is read: zero gradients for k and v, empty ones for q and gate
+        return np.zeros(np.shape(q)), np.zeros(np.shape(k)), np.zeros(np.shape(v)), np.zeros(np.shape(q)[:3])
+    if is_ragged:
 
         def one_sequence(q, k, v, gate, dout, window, scale):
             return attention_vjp(q, k, v, gate, window, dout, scale)
@@ -164,6 +170,11 @@ def attention_vjp(q, k, v, gate, window, dout, scale=None, cache_seqlens=None, *
     dq, dk, dv = (a + h for a, h in zip(grads_all, grads_here))
     dgate = np.sum(dout * (out_all - out_here), axis=-1)  # (B, Hq, Nq)
     return dq, _fold_kv(dk, hkv), _fold_kv(dv, hkv), dgate
+
+
+def _no_query(q) -> bool:
+    """True for a call without queries (B, Hq or Nq is 0; Hkv may be 0 with Hq = 0)."""
+    return 0 in np.shape(q)[:3]
 
 
 _RAGGED = ("cache_leftpad", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")

@@ -26,6 +26,12 @@ from aha.validation import FLOAT_DTYPES, Problem, is_compiling
 __all__ = ["Backend", "Capabilities", "BackendInfo", "PluginError", "BackendError", "registry", "select_backend"]
 
 
+LOAD_WHILE_TRACING = (
+    "aha: the backends load on first use, and torch.compile cannot trace loading them; "
+    "call aha.backends() once before compiling code that calls aha.attention"
+)
+
+
 class PluginError(RuntimeError):
     """A plugin failed to load (raised only with AHA_STRICT_PLUGINS=1)."""
 
@@ -113,7 +119,9 @@ class Backend:
             ``out`` [B, Hq, Nq, D] in q's dtype on q's device. A backend that
             declares ``seqlens`` also gets ``cache_seqlens=`` when the caller gave it; likewise
             ``cache_leftpad=`` (``leftpad``) and ``cu_seqlens_q=``, ``cu_seqlens_k=``,
-            ``max_seqlen_q=``, ``max_seqlen_k=`` (``packed``). Never a keyword it did not declare.
+            ``max_seqlen_q=``, ``max_seqlen_k=`` (``packed``). Never a keyword it did not declare,
+            and never a call without queries (B, Hq or Nq is 0): ``aha.attention`` answers those
+            itself, with an empty output, once it has chosen the backend.
         capabilities: what it can serve; see ``Capabilities``.
         priority: ``backend=None`` picks the highest-priority available backend
             whose capabilities accept the call.
@@ -183,11 +191,14 @@ class Registry:
     def _ensure_loaded(self) -> None:
         if self._ready:  # lock-free once loaded, so that torch.compile(fullgraph=True) can trace aha.attention
             return
-        if is_compiling():  # loading imports plugins: torch.compile cannot trace that
-            raise RuntimeError(
-                "aha: the backends load on first use, and torch.compile cannot trace loading them; "
-                "call aha.backends() once before compiling code that calls aha.attention"
-            )
+        if is_compiling():  # loading imports plugins: torch.compile cannot trace that; a graph break runs it
+            from aha._compile import eager_load
+
+            eager_load(self)
+            return
+        self._load()
+
+    def _load(self) -> None:
         with self._lock:
             if not self._loaded:
                 self._loaded = True

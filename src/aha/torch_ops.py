@@ -17,6 +17,7 @@ from aha.window import position_offset
 __all__ = [
     "Mix",
     "mix",
+    "EmptyAttention",
     "RouteSTE",
     "is_hard_gate",
     "all_mask",
@@ -65,6 +66,26 @@ def mix(g: torch.Tensor, out_all: torch.Tensor, out_here: torch.Tensor) -> torch
     if g.dtype == torch.bool:
         g = g.to(out_all.dtype)
     return Mix.apply(g, out_all, out_here)
+
+
+class EmptyAttention(torch.autograd.Function):
+    """The output of a call without queries (B, Hq or Nq is 0): zeros [B, Hq, Nq, D], no entry.
+
+    Differentiable like any output: no key is read, so k and v get zero gradients (SDPA's too),
+    and q and a float gate get empty ones. ``aha.attention`` returns it without calling a backend.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, gate):
+        ctx.inputs = [(x.shape, x.dtype, x.device) for x in (q, k, v, gate)]
+        return q.new_zeros(q.shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return tuple(
+            dout.new_zeros(shape, dtype=dtype, device=device) if need else None
+            for (shape, dtype, device), need in zip(ctx.inputs, ctx.needs_input_grad)
+        )
 
 
 class RouteSTE(torch.autograd.Function):

@@ -37,6 +37,11 @@ class Problem:
     packed: bool = False  # packed sequences were given (cu_seqlens_q, cu_seqlens_k)
     ragged: Ragged | None = field(default=None, compare=False, repr=False)  # the checked ragged arguments
 
+    @property
+    def empty(self) -> bool:
+        """No query at all (B, Hq or Nq is 0): the output has no entry, and no key is read."""
+        return self.batch * self.heads_q * self.len_q == 0
+
 
 def array_kind(x, name: str = "input") -> str:
     """'numpy' or 'torch'; anything else is a TypeError naming the argument."""
@@ -102,9 +107,11 @@ def _validate_shapes(q, k, v) -> tuple[int, ...]:
         raise ValueError(f"k and q must have the same batch size B, got q {tuple(q.shape)} and k {tuple(k.shape)}")
     if dk != d:
         raise ValueError(f"k and q must have the same head dim D, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    if min(b, hq, nq, d, hkv, nk) < 1:
-        raise ValueError(f"every dimension must be >= 1, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    if hq % hkv:
+    if d < 1:
+        raise ValueError(f"the head dim D must be >= 1 (the default scale is 1/sqrt(D)), got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if hkv == 0 and hq > 0:
+        raise ValueError(f"k must have at least one kv head for Hq={hq} query heads, got Hkv=0 (q {tuple(q.shape)}, k {tuple(k.shape)})")
+    if hkv and hq % hkv:
         raise ValueError(f"the query heads Hq={hq} must be a multiple of the kv heads Hkv={hkv} (q {tuple(q.shape)}, k {tuple(k.shape)})")
     if nq > nk:
         raise ValueError(f"q may not have more positions than k (Nq={nq} > Nk={nk}); queries align bottom-right with the keys")
@@ -167,6 +174,8 @@ def _validate_seqlens(cache_seqlens, cache_leftpad, q, kind: str, nk: int) -> No
         if x is not None:
             _validate_index_array(x, name, q, kind, (b,), "[B]")
     if _values_hidden(q):  # reading the values would break the graph; checked in eager calls
+        return
+    if b == 0:  # no row, no length to check
         return
     lens = [nk] * b if cache_seqlens is None else [int(n) for n in cache_seqlens.tolist()]
     if cache_leftpad is None:

@@ -324,7 +324,7 @@ def packed_cases(draw, caps: Capabilities, max_len: int = 257, dtypes=TEST_DTYPE
         lens_k[-1] = 1
     cross = caps.cross and draw(st.booleans(), label="fewer queries than keys")
     lens_q = [draw(st.integers(0, n), label=f"queries{s}") if cross else n for s, n in enumerate(lens_k)]
-    if not any(lens_q):  # every dimension must be >= 1: the last non-empty sequence keeps a query
+    if not any(lens_q):  # aha.attention answers a call without queries itself: the last non-empty sequence keeps one
         last = max(s for s, n in enumerate(lens_k) if n)
         lens_q[last] = 1
     window = _window(draw, max(lens_k))
