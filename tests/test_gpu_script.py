@@ -130,6 +130,23 @@ def test_dry_run_records_every_step_of_the_gpu_plan_offline(tmp_path):
     assert markdown.count("| failed |") == 2 and "not judged (dry run)" in markdown
 
 
+def test_the_script_itself_runs_offline_with_only(tmp_path):
+    """The command line as documented (python3 -I benchmarks/gpu.py --dry-run), one step selected by --only:
+    it runs and passes, every other step is recorded as skipped with the reason."""
+    out = tmp_path / "one.json"
+    run = subprocess.run([sys.executable, "-I", str(ROOT / "benchmarks" / "gpu.py"), "--dry-run", "--only",
+                          "^correct float32 routed$", "--out", str(out)], cwd=tmp_path, env=_offline_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    points = json.loads(out.read_text())["points"]
+    assert [p["name"] for p in points] == [s.name for s in gpu.plan(gpu.DRY)]
+    ran = [p for p in points if p["status"] != "skipped"]
+    assert [(p["name"], p["status"]) for p in ran] == [("correct float32 routed", "ok")]
+    assert ran[0]["out_err"] <= ran[0]["out_allowed"] and ran[0]["dq_err"] <= ran[0]["dq_allowed"]
+    assert {p["reason"] for p in points if p not in ran} == {"not selected by --only '^correct float32 routed$'"}
+    assert "correct float32 routed" in run.stdout and "1 ok, 0 failed" in run.stdout
+
+
 def _step(name, fn, group="speed"):
     return gpu.Step(name, group, fn)
 
