@@ -455,10 +455,7 @@ def flex(s: Sizes, n: int, share: float, hq: int, hkv: int, kind: str) -> dict:
         return _flex(s, n, share, hq, hkv, kind)
     except torch.OutOfMemoryError as exc:
         reason = f"FlexAttention ran out of memory at N={n}: {str(exc)[:300]}"
-    # out of the except block: the failed step's tensors (held by the traceback) are released first
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release()  # out of the except block: the traceback no longer holds the step's tensors
     raise Skip(reason)
 
 
@@ -685,10 +682,21 @@ def _short(figures: dict) -> str:
     return " ".join(parts)
 
 
-def run_plan(steps: list[Step], s: Sizes, result: dict, out: Path, budget_s: float, only: str | None = None) -> None:
-    """Run the steps in order while budget is left, writing ``result`` to ``out`` after each one."""
+def release() -> None:
+    """Free what a finished step held: its tensors, and the allocator's cached blocks (an out-of-memory
+    step leaves them behind, and FlexAttention's memory check counts them as used)."""
+    gc.collect()
     import torch
 
+    if torch.cuda.is_available():
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError:  # a CUDA error broke the context: the next steps record it themselves
+            pass
+
+
+def run_plan(steps: list[Step], s: Sizes, result: dict, out: Path, budget_s: float, only: str | None = None) -> None:
+    """Run the steps in order while budget is left, writing ``result`` to ``out`` after each one."""
     start = time.perf_counter()
     result["points"] = points = []
     result["goals"] = {}
@@ -716,9 +724,7 @@ def run_plan(steps: list[Step], s: Sizes, result: dict, out: Path, budget_s: flo
                 row.update(status="failed", error=f"{type(exc).__name__}: {str(exc)[:2000]}",
                            traceback=traceback.format_exc()[-3000:])
             row["seconds"] = round(time.perf_counter() - t0, 2)
-            gc.collect()  # out of the except block: what a failed step held is released
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release()  # out of the except block: what a failed step held goes too
         points.append(row)
         result["goals"] = goals(points, s)
         _write(out, result)

@@ -233,3 +233,19 @@ def test_nox_gpu_session_runs_the_script_and_installs_nothing():
     assert not [c for c in calls if c.func.attr in ("install", "conda_install", "run_install")]
     runs = [c for c in calls if c.func.attr == "run"]
     assert len(runs) == 1 and [a.value for a in runs[0].args[:2]] == ["python3", "benchmarks/gpu.py"]
+
+
+def test_a_broken_cuda_context_does_not_stop_the_plan(tmp_path, monkeypatch):
+    """After a CUDA error (an illegal address, say) even emptying the cache raises: each step still records
+    its own error and the plan goes on to the end."""
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", broken)
+    steps = [_step(f"step {i}", broken) for i in range(3)]
+    gpu.run_plan(steps, gpu.DRY, {}, tmp_path / "r.json", budget_s=100)
+    points = json.loads((tmp_path / "r.json").read_text())["points"]
+    assert [p["status"] for p in points] == ["failed"] * 3
+    assert all(p["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered" for p in points)
