@@ -525,7 +525,37 @@ def tile_sweep(s: Sizes, kernel: str) -> dict:
         except Exception as exc:  # a candidate that does not launch is a figure too
             rows[label] = f"{type(exc).__name__}: {str(exc)[:200]}"
         print(f"    {kernel} {label}: {rows[label]}", flush=True)
-    return {"N": n, "Nq": nq, "batch": b, "Hq": hq, "Hkv": hkv, "kernel": kernel, "ms": rows}
+    figures = {"N": n, "Nq": nq, "batch": b, "Hq": hq, "Hkv": hkv, "kernel": kernel, "ms": rows}
+    if not any(isinstance(ms, float) for ms in rows.values()):
+        raise Wrong(f"no {kernel} tile of the autotune set launched", figures)
+    return figures
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run this backend's kernels here (None: it can), from one tiny call.
+
+    Triton 3.6.0's interpreter turns a scalar computed in a kernel (a loop bound) into a Python int with
+    int() of a 1-element array, which numpy 2.4 refuses: every kernel with a loop over key blocks fails
+    (numpy 2.4.6; with numpy 2.3.5 the whole dry run passes, and triton 3.9.0's interpreter runs it with
+    either). Compiled kernels are not affected."""
+    import numpy as np
+    import torch
+    import triton
+
+    q, k, v = (torch.randn(1, 1, 2, 16) for _ in range(3))
+    try:
+        _aha(q, k, v, torch.tensor([[[True, False]]]), 1)
+    except Exception as exc:  # the interpreter wraps the kernel's error
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        hint = ""
+        if "only 0-dimensional arrays" in str(cause):
+            hint = (" (a Triton interpreter bug with numpy >= 2.4): use numpy < 2.4 with this Triton, or Triton 3.9; "
+                    "a GPU run compiles the kernels and is not affected")
+        return (f"Triton {triton.__version__}'s interpreter cannot run the triton backend's kernels with numpy "
+                f"{np.__version__}: {type(cause).__name__}: {cause}{hint}")
+    return None
 
 
 # a dry run checks that pytest and its aha plugin start offline, on a quick test or two
@@ -831,6 +861,10 @@ def main(argv=None) -> int:
     row = aha.registry.registry.get("triton")
     if row is None or row.status != "available":
         print(f"the triton backend is not usable here: {row.reason if row else 'not registered'}", file=sys.stderr)
+        return 2
+    problem = interpreter_problem() if s.dry else None
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     out = Path(args.out or (ROOT / ("benchmarks/out/gpu-dry-run.json" if s.dry else "benchmarks/results/gpu.json")))
     result = {"environment": environment(s, argv), "config": {k: v for k, v in s.__dict__.items()},

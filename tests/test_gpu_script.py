@@ -249,3 +249,30 @@ def test_a_broken_cuda_context_does_not_stop_the_plan(tmp_path, monkeypatch):
     points = json.loads((tmp_path / "r.json").read_text())["points"]
     assert [p["status"] for p in points] == ["failed"] * 3
     assert all(p["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered" for p in points)
+
+
+def test_an_interpreter_that_cannot_run_the_kernels_is_named_before_the_dry_run(monkeypatch):
+    """Triton 3.6.0's interpreter with numpy 2.4 fails every kernel that loops over key blocks (int() of a
+    1-element array): the dry run stops at once and says why, instead of recording every step as failed."""
+    assert gpu.interpreter_problem() is None  # this machine's interpreter runs them
+
+    def old_interpreter(*args, **kwargs):
+        try:
+            raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+        except TypeError as exc:
+            raise RuntimeError("InterpreterError(TypeError(...))") from exc
+
+    monkeypatch.setattr(gpu, "_aha", old_interpreter)
+    problem = gpu.interpreter_problem()
+    assert f"numpy {__import__('numpy').__version__}: TypeError: only 0-dimensional arrays" in problem
+    assert "use numpy < 2.4 with this Triton, or Triton 3.9" in problem
+
+
+def test_a_tile_sweep_where_no_tile_launches_is_a_failure(monkeypatch):
+    def no_launch(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory")
+
+    monkeypatch.setattr(gpu, "_aha", no_launch)
+    with pytest.raises(gpu.Wrong, match="no fwd tile of the autotune set launched") as failed:
+        gpu.tile_sweep(gpu.DRY, "fwd")
+    assert all(ms.startswith("RuntimeError: out of resource") for ms in failed.value.figures["ms"].values())
