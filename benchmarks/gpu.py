@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import datetime
+import gc
 import json
 import os
 import platform
@@ -134,7 +135,8 @@ class Sizes:
 
 GPU = Sizes("cuda", False, 128, 256, ((16, 16), (32, 8)), 32768, (4096, 16384), (65536, 131072), 32768, 8,
             (2, 4, 2, 300, 128, 64), 32768)
-DRY = Sizes("cpu", True, 16, 8, ((2, 2), (4, 2)), 96, (48, 64), (128,), 80, 2, (1, 4, 2, 40, 16, 8), 64)
+# the dry run: every step of the plan (the same count, in the same order) at sizes the interpreter runs in seconds
+DRY = Sizes("cpu", True, 16, 8, ((2, 2), (4, 2)), 96, (48, 64), (112, 128), 80, 2, (1, 4, 2, 40, 16, 8), 64)
 
 
 class Wrong(AssertionError):
@@ -162,12 +164,11 @@ def _sync():
 
 def timed_ms(fn, s: Sizes, grads=()) -> float:
     """Median milliseconds of fn: triton.testing.do_bench on CUDA (L2 flushed, grads reset between
-    runs); in a dry run one call after one warm-up call (the figure only shows that the step ran)."""
+    runs); in a dry run one call (the figure only shows that the step ran: interpreted kernels)."""
     if not s.dry:
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=list(grads) or None, return_mode="median")
-    fn()
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1e3
@@ -412,16 +413,50 @@ def decode_speed(s: Sizes, share: float, hq: int, hkv: int) -> dict:
             "fraction_of_bound": bound_ms / ms}
 
 
-def flex(s: Sizes, n: int, share: float, hq: int, hkv: int, kind: str) -> dict:
-    """FlexAttention with AHA's mask (causal and (All or within the window)), its block mask built by a
-    compiled create_block_mask (no [N, N] mask in memory). Out of memory: recorded as skipped."""
+FLEX_BLOCK = 128  # FlexAttention's block size (create_block_mask's default)
+
+
+def flex_bytes(n: int, hq: int, hkv: int, d: int, compiled: bool, backward: bool) -> int:
+    """Bytes a FlexAttention step needs at N beyond what it frees: bf16 q, k, v, out (and dout, grads) and the
+    block mask. An eager create_block_mask holds the whole [1, Hq, N, N] bool mask twice (padded to whole
+    blocks) and the mask_mod's [N, N] temporaries (q_idx - kv_idx in int64); a compiled one only the
+    block-level tensors (kv and q indices, full and partial, int32)."""
+    blocks = -(-n // FLEX_BLOCK)
+    tensors = 2 * n * d * (2 * hq + 2 * hkv) * (2 if backward else 1)
+    block_mask = 4 * 4 * hq * blocks * (blocks + 1)
+    mask = 0 if compiled else 2 * hq * n * n + 16 * n * n
+    return tensors + block_mask + mask
+
+
+def free_bytes(device: str) -> int | None:
+    """Memory free for a step on ``device`` (None: unknown)."""
     import torch
 
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def flex(s: Sizes, n: int, share: float, hq: int, hkv: int, kind: str) -> dict:
+    """FlexAttention with AHA's mask (causal and (All or within the window)), its block mask built by a
+    compiled create_block_mask on CUDA (no [N, N] mask in memory; eager on tiny dry-run sizes). Recorded as
+    skipped, before anything is allocated, where its estimated memory (flex_bytes) exceeds what is free, and
+    where it runs out of memory all the same."""
+    import torch
+
+    need, free = flex_bytes(n, hq, hkv, s.d, not s.dry, kind != "fwd"), free_bytes(s.device)
+    if free is not None and need > 0.9 * free:
+        raise Skip(f"FlexAttention does not fit at N={n}: needs about {need / 2**30:.1f} GiB, "
+                   f"{free / 2**30:.1f} GiB free")
     try:
         return _flex(s, n, share, hq, hkv, kind)
     except torch.OutOfMemoryError as exc:
-        torch.cuda.empty_cache()
-        raise Skip(f"FlexAttention does not fit at N={n}: {str(exc)[:300]}") from exc
+        reason = f"FlexAttention ran out of memory at N={n}: {str(exc)[:300]}"
+    release()  # out of the except block: the traceback no longer holds the step's tensors
+    raise Skip(reason)
 
 
 def _flex(s: Sizes, n: int, share: float, hq: int, hkv: int, kind: str) -> dict:
@@ -435,7 +470,8 @@ def _flex(s: Sizes, n: int, share: float, hq: int, hkv: int, kind: str) -> dict:
         return (q_idx >= kv_idx) & (gate[b, h, q_idx] | (q_idx - kv_idx < window))
 
     start = time.perf_counter()
-    block_mask = create_block_mask(mask_mod, 1, hq, n, n, device=s.device, _compile=not s.dry)
+    make_mask = create_block_mask if s.dry else torch.compile(create_block_mask)
+    block_mask = make_mask(mask_mod, 1, hq, n, n, device=s.device, BLOCK_SIZE=FLEX_BLOCK)
     _sync()
     mask_s = time.perf_counter() - start
     if s.dry:  # eager (unfused) on tiny sizes: compiling would only add minutes
@@ -489,7 +525,37 @@ def tile_sweep(s: Sizes, kernel: str) -> dict:
         except Exception as exc:  # a candidate that does not launch is a figure too
             rows[label] = f"{type(exc).__name__}: {str(exc)[:200]}"
         print(f"    {kernel} {label}: {rows[label]}", flush=True)
-    return {"N": n, "Nq": nq, "batch": b, "Hq": hq, "Hkv": hkv, "kernel": kernel, "ms": rows}
+    figures = {"N": n, "Nq": nq, "batch": b, "Hq": hq, "Hkv": hkv, "kernel": kernel, "ms": rows}
+    if not any(isinstance(ms, float) for ms in rows.values()):
+        raise Wrong(f"no {kernel} tile of the autotune set launched", figures)
+    return figures
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run this backend's kernels here (None: it can), from one tiny call.
+
+    Triton 3.6.0's interpreter turns a scalar computed in a kernel (a loop bound) into a Python int with
+    int() of a 1-element array, which numpy 2.4 refuses: every kernel with a loop over key blocks fails
+    (numpy 2.4.6; with numpy 2.3.5 the whole dry run passes, and triton 3.9.0's interpreter runs it with
+    either). Compiled kernels are not affected."""
+    import numpy as np
+    import torch
+    import triton
+
+    q, k, v = (torch.randn(1, 1, 2, 16) for _ in range(3))
+    try:
+        _aha(q, k, v, torch.tensor([[[True, False]]]), 1)
+    except Exception as exc:  # the interpreter wraps the kernel's error
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        hint = ""
+        if "only 0-dimensional arrays" in str(cause):
+            hint = (" (a Triton interpreter bug with numpy >= 2.4): use numpy < 2.4 with this Triton, or Triton 3.9; "
+                    "a GPU run compiles the kernels and is not affected")
+        return (f"Triton {triton.__version__}'s interpreter cannot run the triton backend's kernels with numpy "
+                f"{np.__version__}: {type(cause).__name__}: {cause}{hint}")
+    return None
 
 
 # a dry run checks that pytest and its aha plugin start offline, on a quick test or two
@@ -589,7 +655,20 @@ def plan(s: Sizes) -> list[Step]:
 
 
 def goals(points: list[dict], s: Sizes) -> dict:
-    """The issue's goals, judged on the points measured (absent when their points were not)."""
+    """The issue's goals, judged on the points measured (absent when their points were not). A dry run
+    fills in the same figures and judges nothing (``met`` is None): its timings mean nothing."""
+    out = _goals(points, s)
+    if s.dry:
+        for goal in out.values():
+            goal["met"] = None
+    return out
+
+
+def _met(goal: dict) -> str:
+    return {True: "met", False: "NOT MET", None: "not judged (dry run)"}[goal["met"]]
+
+
+def _goals(points: list[dict], s: Sizes) -> dict:
     ok = [p for p in points if p["status"] == "ok"]
 
     def at(group, **want):
@@ -633,12 +712,25 @@ def _short(figures: dict) -> str:
     return " ".join(parts)
 
 
-def run_plan(steps: list[Step], s: Sizes, result: dict, out: Path, budget_s: float, only: str | None = None) -> None:
-    """Run the steps in order while budget is left, writing ``result`` to ``out`` after each one."""
+def release() -> None:
+    """Free what a finished step held: its tensors, and the allocator's cached blocks (an out-of-memory
+    step leaves them behind, and FlexAttention's memory check counts them as used)."""
+    gc.collect()
     import torch
 
+    if torch.cuda.is_available():
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError:  # a CUDA error broke the context: the next steps record it themselves
+            pass
+
+
+def run_plan(steps: list[Step], s: Sizes, result: dict, out: Path, budget_s: float, only: str | None = None) -> None:
+    """Run the steps in order while budget is left, writing ``result`` to ``out`` after each one."""
     start = time.perf_counter()
     result["points"] = points = []
+    result["goals"] = {}
+    _write(out, result)  # the plan and environment, before any step can take the process down
     for step in steps:
         left = budget_s - (time.perf_counter() - start)
         row = {"name": step.name, "group": step.group}
@@ -661,9 +753,8 @@ def run_plan(steps: list[Step], s: Sizes, result: dict, out: Path, budget_s: flo
             except Exception as exc:  # out of memory, compile errors, launch failures: record and go on
                 row.update(status="failed", error=f"{type(exc).__name__}: {str(exc)[:2000]}",
                            traceback=traceback.format_exc()[-3000:])
-                if isinstance(exc, torch.OutOfMemoryError):
-                    torch.cuda.empty_cache()
             row["seconds"] = round(time.perf_counter() - t0, 2)
+            release()  # out of the except block: what a failed step held goes too
         points.append(row)
         result["goals"] = goals(points, s)
         _write(out, result)
@@ -689,10 +780,18 @@ def environment(s: Sizes, argv: list[str]) -> dict:
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
            "python": platform.python_version(), "command": " ".join(["benchmarks/gpu.py", *argv]),
-           "dry_run": s.dry, "interpreter": os.environ.get("TRITON_INTERPRET") == "1"}
+           "dry_run": s.dry, "interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+           "checkout": str(ROOT), "aha_from": _module_file("aha"), "aha_triton_from": _module_file("aha_triton")}
     if not s.dry:
         env.update(gpu=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()))
     return env
+
+
+def _module_file(name: str) -> str:
+    """Where a module is imported from (the bootstrap makes it this checkout's)."""
+    import importlib
+
+    return str(Path(importlib.import_module(name).__file__).resolve())
 
 
 def render(result: dict) -> str:
@@ -712,7 +811,8 @@ def render(result: dict) -> str:
     out.append("")
     for name, goal in result.get("goals", {}).items():
         figures = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in goal.items() if k != "met")
-        out.append(f"- goal `{name}`: {'met' if goal['met'] else '**not met**'} ({figures})")
+        verdict = {True: "met", False: "**not met**", None: "not judged (dry run)"}[goal["met"]]
+        out.append(f"- goal `{name}`: {verdict} ({figures})")
     return "\n".join(out)
 
 
@@ -762,6 +862,10 @@ def main(argv=None) -> int:
     if row is None or row.status != "available":
         print(f"the triton backend is not usable here: {row.reason if row else 'not registered'}", file=sys.stderr)
         return 2
+    problem = interpreter_problem() if s.dry else None
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     out = Path(args.out or (ROOT / ("benchmarks/out/gpu-dry-run.json" if s.dry else "benchmarks/results/gpu.json")))
     result = {"environment": environment(s, argv), "config": {k: v for k, v in s.__dict__.items()},
               "plan": [step.name for step in steps], "budget_s": args.budget_s}
@@ -771,7 +875,7 @@ def main(argv=None) -> int:
     counts = {k: sum(p["status"] == k for p in points) for k in ("ok", "failed", "skipped")}
     print(f"\n{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped; wrote {out}")
     for name, goal in result["goals"].items():
-        print(f"goal {name}: {'met' if goal['met'] else 'NOT MET'} {_short({k: v for k, v in goal.items() if k != 'met'})}")
+        print(f"goal {name}: {_met(goal)} {_short({k: v for k, v in goal.items() if k != 'met'})}")
     return 1 if counts["failed"] else 0
 
 
