@@ -34,6 +34,8 @@ def attention(
         gate (Tensor | ndarray): [B, Hq, Nq], bool or q's floating dtype, values in [0, 1].
             1 = All (every key up to the token), 0 = Here (the last ``window``
             keys, the token's own included). Usually ``aha.route(logits)``.
+            A float gate's values are checked once per call (one host sync on
+            CUDA); a bool gate, or a call under ``torch.compile``, skips that check.
         window (int): the number of keys a Here token reads, at least 1.
             ``window >= Nk`` makes Here equal to All.
         scale (float | None): softmax scale, ``1/sqrt(D)`` by default.

@@ -131,6 +131,8 @@ def _validate_gate(gate, q, kind: str, dtype: str) -> None:
     if str(getattr(gate, "device", "cpu")) != str(getattr(q, "device", "cpu")):
         raise ValueError(f"gate must be on q's device {q.device}, got {gate.device}")
     if gdt != "bool" and not _values_hidden(q):
+        # a float gate's values are read once per call: one host sync on CUDA (none for a bool gate,
+        # none while torch.compile traces); aha.attention's docstring says so
         bad = (gate < 0) | (gate > 1) | (gate != gate)
         if bool(bad.any()):
             raise ValueError(
