@@ -210,3 +210,16 @@ def test_every_profile_is_documented():
     helptext = _run(TESTS, "aha", "conformance", "--help")
     for name in PROFILES:
         assert f"| `{name}`" in page and f"  {name} " in helptext, name
+
+
+def test_missing_gradients_are_named_for_q_k_v_too():
+    """`_backend_grads` names each input the output has no autograd path to, unless its reference gradient is 0."""
+    q, k, v, gate = (torch.randn(1, 1, 3, 2, dtype=torch.float64, requires_grad=True) for _ in range(4))
+    refs = [np.ones((1, 1, 3, 2))] * 3 + [np.zeros((1, 1, 3, 2))]
+    out = q.detach() * k * v.detach()  # only k is on the graph; the gate's reference gradient is 0
+    with pytest.raises(AssertionError, match=r"no gradient for q, v \(.*the reference's dq, dv are nonzero\)"):
+        conformance._backend_grads(out, [q, k, v, gate], torch.ones_like(out), refs)
+    grads = conformance._backend_grads(q * k * v, [q, k, v, gate], torch.ones_like(out), refs)
+    assert not grads[3].any() and grads[0].equal((k * v).detach())
+    with pytest.raises(AssertionError, match="no gradient for q, k, v .*its output has no autograd graph at all"):
+        conformance._backend_grads(out.detach(), [q, k, v, gate], torch.ones_like(out), refs)

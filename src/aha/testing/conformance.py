@@ -608,7 +608,7 @@ def _backend_grads(out, wrt, dout, refs) -> tuple:
         where = "its output has no autograd graph at all" if not out.requires_grad else _NO_GRAD
         raise AssertionError(
             f"the backend returned no gradient for {', '.join(missing)} (it declares grad=True and the reference's "
-            f"{', '.join('d' + m for m in missing)} is nonzero): {where}"
+            f"{', '.join('d' + m for m in missing)} {'is' if len(missing) == 1 else 'are'} nonzero): {where}"
         )
     return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(got, wrt))
 
