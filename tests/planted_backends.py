@@ -9,6 +9,10 @@ most one bug:
     planted_scale         ignores the caller's scale (always 1/sqrt(D))
     planted_seqlens_grad  correct forward; keys past cache_seqlens[b] get dk = dv = 1
     planted_long          All reads only the first 256 keys (a bug of long sequences only)
+    planted_hard_soft     rounds a soft gate to 0/1 (fails a pinned edge case: the report must name it)
+    planted_here_short    Here reads window - 1 keys: none, so NaN, at window 1 (the report must say which side is NaN)
+    planted_top_left      aligns queries top-left (pos(i) = i) when Nq < Nk, as SDPA's is_causal does
+    planted_gate_detached gives the gate no gradient (the report must say so, not torch's "not used in the graph")
 
 It also registers the Hypothesis profile ``planted``: 5 derandomized examples a property, no
 shrinking, so that a run over all of them stays short and gives the same verdicts every time.
@@ -82,10 +86,18 @@ def _forward(q, k, v, gate, *, window, scale=None, cache_seqlens=None, bug=None)
     k, v = (torch.where(owned, x, 0).float().repeat_interleave(group, 1) for x in (k, v))  # [B, Hq, Nk, D]
     scale = d**-0.5 if scale is None or bug == "scale" else scale
     pos = lens[:, None] - nq + torch.arange(nq, device=q.device)  # [B, Nq], bottom-right in each row
+    if bug == "top_left":
+        pos = pos - pos[:, :1]
     causal = j <= pos[..., None]  # [B, Nq, Nk]
     here = causal & (j > pos[..., None] - window)
+    if bug == "here_short":
+        here = causal & (j > pos[..., None] - window + 1)
     if bug == "long":
         causal = causal & (j < LONG)
+    if bug == "hard_soft":  # straight-through: the gate keeps its gradient
+        gate = gate + ((gate > 0.5).to(gate.dtype) - gate).detach()
+    if bug == "gate_detached":
+        gate = gate.detach()
     s = (q.float() @ k.transpose(-1, -2)) * scale  # [B, Hq, Nq, Nk]
     out_all, out_here = _branch(s, v, causal[:, None]), _branch(s, v, here[:, None])
     return mix(gate.float(), out_all, out_here).to(q.dtype)
@@ -104,6 +116,10 @@ BACKENDS = {
     "planted_scale": ("scale", ("float32",)),
     "planted_seqlens_grad": ("seqlens_grad", ("float32",)),
     "planted_long": ("long", ("float32",)),
+    "planted_hard_soft": ("hard_soft", ("float32",)),
+    "planted_here_short": ("here_short", ("float32",)),
+    "planted_top_left": ("top_left", ("float32",)),
+    "planted_gate_detached": ("gate_detached", ("float32",)),
 }
 
 

@@ -69,7 +69,7 @@ def test_the_suite_fails_planted_bugs_and_passes_a_correct_fp16_backend(tmp_path
     assert len(ok16) == sum(name.startswith("test_") for name in dir(sys.modules["aha.testing.conformance"]))
     # each failure says what is wrong
     assert "a key past cache_seqlens[b] got a nonzero gradient" in res.stdout
-    assert "reproduce: LongCase(case=Case(" in res.stdout
+    assert "reproduce: check_long_case(backend_under_test('planted_long'), LongCase(case=Case(" in res.stdout
     assert res.returncode == 1
 
 

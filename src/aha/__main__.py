@@ -71,8 +71,13 @@ def main(argv=None) -> int:
         "conformance",
         help="run the conformance suite (extra args go to pytest)",
         description="Run the conformance suite (aha.testing.conformance) with pytest.\n"
-        "Every argument not listed below goes to pytest, e.g. -x, -k NAME, or\n"
-        "--hypothesis-profile=ci (derandomized, no deadline; the default is the quicker 'dev' profile).",
+        "Every argument not listed below goes to pytest, e.g. -x, -k NAME, or --hypothesis-profile=NAME:\n"
+        "  dev       10 examples a property, derandomized (the default)\n"
+        "  ci        20 examples, derandomized\n"
+        "  thorough  300 examples, derandomized\n"
+        "  explore   100 examples drawn at random, with a printed seed (--hypothesis-seed=N replays it)\n"
+        "Derandomized runs draw the same problems every time and keep no example database, so the\n"
+        "same command replays a failure; each failure also prints a reproduce: line to run in Python.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     conf.add_argument("--backend", action="append", help="backend to check (repeatable; default all)")

@@ -172,9 +172,20 @@ def allowed_error(dtype: str, kind: str = "forward", ref: np.ndarray | None = No
     return 2 * base_err + FLOOR[dtype]
 
 
-def _same_finite(name: str, got, finite_ref: np.ndarray, what: str) -> None:
+def _same_finite(name: str, got, finite_ref: np.ndarray, what: str, ours: str = "the backend") -> None:
+    """``got`` (``ours``) is finite exactly where ``finite_ref`` (``what``) is; else say which side is not,
+    how often, and where first."""
     finite_got = torch.isfinite(got.detach().cpu()).numpy()
-    assert np.array_equal(finite_got, finite_ref), f"{name}: {int((finite_got != finite_ref).sum())} entries differ in finiteness from {what}"
+    if np.array_equal(finite_got, finite_ref):
+        return
+    lines = [f"{name}: {int((finite_got != finite_ref).sum())} entries differ in finiteness from {what}"]
+    for bad, side, other in ((~finite_got & finite_ref, ours, what), (finite_got & ~finite_ref, what, ours)):
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            value = got.detach().cpu()[first].item() if side == ours else None
+            shown = f" ({value})" if value is not None else ""
+            lines.append(f"  {int(bad.sum())} non-finite in {side} where {other} is finite; first at index {first}{shown}")
+    raise AssertionError("\n".join(lines))
 
 
 def assert_close(name: str, got, ref: np.ndarray, dtype: str, kind: str = "forward", baseline=None, rounding=None) -> None:
@@ -204,7 +215,7 @@ def assert_agree(name: str, got, want, dtype: str, kind: str = "forward", ref: n
     """
     assert tuple(got.shape) == tuple(want.shape), f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     want_np = want.detach().to("cpu", torch.float64).numpy()
-    _same_finite(name, got, np.isfinite(want_np), "the run it is compared with")
+    _same_finite(name, got, np.isfinite(want_np), "the run it is compared with", ours="this run of the backend")
     both = np.isfinite(want_np)
     err, _ = _rel_err(got[torch.from_numpy(both).to(got.device)], want_np[both])
     allowed = allowed_error(dtype, kind, ref, baseline, rounding) * (1 if dtype in TOLERANCE else 2)

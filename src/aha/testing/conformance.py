@@ -5,17 +5,25 @@ Each test takes the ``aha_backend`` fixture of ``aha.testing.pytest_plugin``;
 the problems are drawn per backend from what its capabilities declare. A property that
 needs a capability the backend does not declare (``grad``, ``cross``, ``seqlens``,
 ``leftpad``, ``packed``) passes without drawing anything.
+
+Each property draws its problem, then runs one ``check_*`` function on it through `run_check`, so
+that a failure carries a ``reproduce:`` line: the call that reruns that check alone, e.g.
+``check_forward(backend_under_test('mine'), Case(...), scale=0.5)``, to run after
+``from aha.testing.conformance import *``.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, example, note, settings
+from hypothesis import HealthCheck, example, settings
 from hypothesis import given as _given
 from hypothesis import strategies as st
 
@@ -35,10 +43,13 @@ from aha.testing.checks import (
     to_np,
 )
 from aha.testing.golden import golden_cases, golden_ragged_cases
+from aha.testing.pytest_plugin import BackendUnderTest, backend_under_test  # noqa: F401 (for reproduce: lines)
 from aha.testing.strategies import (
     TEST_DTYPES,
     Case,
+    DecodeCase,
     Inputs,
+    LongCase,
     PackedCase,
     PaddedCase,
     aha_cases,
@@ -56,9 +67,51 @@ from aha.window import position_offset
 
 
 def given(**strategies):
-    """hypothesis.given with the suite's fixed settings: no deadline (backends differ wildly in speed)."""
-    relaxed = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    return lambda test: relaxed(_given(**strategies)(test))
+    """hypothesis.given with the suite's fixed settings: no deadline (backends differ wildly in speed).
+
+    Under Hypothesis' own ``default`` profile (no profile chosen), a property runs as the ``dev``
+    profile of `aha.testing.pytest_plugin` says: 10 examples, derandomized, no example database.
+    A run then draws the same problems every time; choose the ``explore`` profile to draw new ones.
+    """
+    fixed = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    if settings.get_current_profile_name() == "default":
+        fixed = settings(settings.get_profile("dev"))
+    return lambda test: fixed(_given(**strategies)(test))
+
+
+def _shown(x) -> str:
+    """``repr(x)``, but a non-finite float as ``float('nan')`` so that the line runs as Python."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return f"float({str(x)!r})"
+    return repr(x)
+
+
+def reproduce_line(check, be, *args, **kw) -> str:
+    """``reproduce: check(backend_under_test('name'), args..., kw=...)``: the call that reruns one check alone."""
+    shown = [f"backend_under_test({be.name!r})"] + [_shown(a) for a in args] + [f"{k}={_shown(v)}" for k, v in kw.items()]
+    return f"reproduce: {check.__name__}({', '.join(shown)})"
+
+
+@contextmanager
+def _reporting(line: str):
+    """Attach ``line`` to whatever the block raises (an assertion, or a backend's own error)."""
+    try:
+        yield
+    except Exception as e:
+        if hasattr(e, "add_note"):  # Python >= 3.11: pytest and Hypothesis print the note
+            e.add_note(line)
+            raise
+        raise AssertionError(f"{line}\n{e}" if isinstance(e, AssertionError) else line) from e
+
+
+def run_check(check, be, *args, **kw):
+    """``check(be, *args, **kw)``; if it fails, the failure carries its `reproduce_line`.
+
+    Every property goes through here once its problem is drawn and final, so that the line names
+    the problem that failed (shapes, dtype, window, gate kind and seed, ragged arguments, scale).
+    """
+    with _reporting(reproduce_line(check, be, *args, **kw)):
+        return check(be, *args, **kw)
 
 
 def _attend(be, inp, case, gate=None, **kw):
@@ -66,12 +119,14 @@ def _attend(be, inp, case, gate=None, **kw):
     return aha.attention(inp.q, inp.k, inp.v, gate, window=case.window, backend=be.name, **kw)
 
 
-def _draw(be, data, max_len: int | None = None, **kw) -> Case:
-    """A case of ``aha_cases`` for the backend, at most ``max_len`` (and ``--aha-max-len``) keys long."""
+def _draw(be, data, max_len: int | None = None, label: str = "case", **kw) -> Case:
+    """A case of ``aha_cases`` for the backend, at most ``max_len`` (and ``--aha-max-len``) keys long.
+
+    A property that changes the case before running it says so in ``label``: the ``reproduce:``
+    line of a failure holds the case as run.
+    """
     max_len = be.max_len if max_len is None else min(max_len, be.max_len)
-    case = data.draw(aha_cases(be.caps, max_len=max_len, **kw), label="case")
-    note(f"reproduce: make_inputs({case!r})")
-    return case
+    return data.draw(aha_cases(be.caps, max_len=max_len, **kw), label=label)
 
 
 def _eager(inp: Inputs, window: int, scale=None, pieces=None, wrt=()):
@@ -111,8 +166,8 @@ def check_gradients(be, case: Case, gate_grad: bool = True, scale: float | None 
     inp = make_inputs(case, be.device, requires_grad=True)
     inp.gate.requires_grad_(gate_grad)
     wrt = [inp.q, inp.k, inp.v] + ([inp.gate] if gate_grad else [])
-    got = torch.autograd.grad(_attend(be, inp, case, scale=scale), wrt, inp.dout)
     ref = reference_grads(inp, case.window, scale)
+    got = _backend_grads(_attend(be, inp, case, scale=scale), wrt, inp.dout, ref)
     bases, roundings = [None] * 4, [None] * 4
     if _low(case.dtype):
         _, bases, roundings = _eager(inp, case.window, scale, wrt=wrt)
@@ -122,12 +177,12 @@ def check_gradients(be, case: Case, gate_grad: bool = True, scale: float | None 
 
 @given(data=st.data())
 def test_forward_matches_reference(aha_backend, data):
-    check_forward(aha_backend, _draw(aha_backend, data))
+    run_check(check_forward, aha_backend, _draw(aha_backend, data))
 
 
 def test_forward_edge_cases(aha_backend):
     for case in edge_cases(aha_backend.caps):
-        check_forward(aha_backend, case)
+        run_check(check_forward, aha_backend, case)
 
 
 @given(data=st.data())
@@ -135,13 +190,14 @@ def test_gradients_match_reference(aha_backend, data):
     if not aha_backend.caps.grad:
         return
     case = _draw(aha_backend, data)
-    check_gradients(aha_backend, case, gate_grad=data.draw(st.booleans(), label="gate_grad") or case.gate == "soft")
+    gate_grad = data.draw(st.booleans(), label="gate_grad") or case.gate == "soft"
+    run_check(check_gradients, aha_backend, case, gate_grad=gate_grad)
 
 
 def test_gradient_edge_cases(aha_backend):
     if aha_backend.caps.grad:
         for case in edge_cases(aha_backend.caps):
-            check_gradients(aha_backend, case)
+            run_check(check_gradients, aha_backend, case)
 
 
 def _pinned_scale_case(caps) -> Case:
@@ -164,26 +220,34 @@ def test_scale_is_the_callers(aha_backend, data, factor):
     be = aha_backend
     case = _pinned_scale_case(be.caps) if data is None else _draw(be, data, max_len=97)
     scale = factor * case.D**-0.5
-    note(f"scale={scale!r}")
-    check_forward(be, case, scale)
+    run_check(check_forward, be, case, scale=scale)
     if be.caps.grad:
-        check_gradients(be, case, gate_grad=True, scale=scale)
+        run_check(check_gradients, be, case, gate_grad=True, scale=scale)
 
 
 @given(data=st.data())
 def test_route_gradient_reaches_logits(aha_backend, data):
     """d loss / d logits through aha.route (straight-through) matches the reference."""
-    if not aha_backend.caps.grad:
-        return
-    case = _draw(aha_backend, data, gates=("random",))
-    inp = make_inputs(case, aha_backend.device)
+    if aha_backend.caps.grad:
+        run_check(check_route_gradient, aha_backend, _draw(aha_backend, data, gates=("random",)))
+
+
+def check_route_gradient(be, case: Case) -> None:
+    """d loss / d logits through aha.route of logits drawn from ``case.seed`` against the reference's."""
+    inp = make_inputs(case, be.device)
     logits = (torch.randn(inp.gate.shape, generator=torch.Generator().manual_seed(case.seed + 1)) * 2)
     logits = logits.to(inp.q.device, inp.q.dtype).requires_grad_(True)
     gate = aha.route(logits)
-    (dlogits,) = torch.autograd.grad(_attend(aha_backend, inp, case, gate=gate), [logits], inp.dout)
     hard = reference.route(to_np(logits))
     _, _, _, dgate = reference.attention_vjp(to_np(inp.q), to_np(inp.k), to_np(inp.v), hard, case.window, to_np(inp.dout))
     ref = reference.route_vjp(to_np(logits), dgate)
+    out = _attend(be, inp, case, gate=gate)
+    if out.requires_grad:
+        (dlogits,) = torch.autograd.grad(out, [logits], inp.dout, allow_unused=True)
+    if not out.requires_grad or (dlogits is None and np.any(ref)):
+        raise AssertionError("dlogits: the backend returned no gradient for gate, so none reaches the router's logits (" + _NO_GRAD + ")")
+    if dlogits is None:
+        dlogits = torch.zeros_like(logits)
     base = rounding = None
     if _low(case.dtype):
         branches = eager_branches(inp.q, inp.k, inp.v, case.window)
@@ -201,29 +265,34 @@ def _oracle(inp, mask) -> np.ndarray:
     return F.scaled_dot_product_attention(torch.from_numpy(q), k, v, attn_mask=mask.cpu()).numpy()
 
 
+def check_against_sdpa(be, case: Case) -> None:
+    """An all-All (``case.gate == "all"``) or all-Here case against float64 SDPA with causal or window mask."""
+    inp = make_inputs(case, be.device)
+    out = _attend(be, inp, case)
+    base = eager_attention(inp.q, inp.k, inp.v, inp.gate, case.window)
+    mask = all_mask(case.Nq, case.Nk) if case.gate == "all" else here_mask(case.Nq, case.Nk, case.window)
+    assert_close("out", out, _oracle(inp, mask), case.dtype, baseline=base)
+
+
 @given(data=st.data())
 def test_all_gate_is_causal_attention(aha_backend, data):
-    case = _draw(aha_backend, data, gates=("all",))
-    inp = make_inputs(case, aha_backend.device)
-    out = _attend(aha_backend, inp, case)
-    base = eager_attention(inp.q, inp.k, inp.v, inp.gate, case.window)
-    assert_close("out", out, _oracle(inp, all_mask(case.Nq, case.Nk)), case.dtype, baseline=base)
+    run_check(check_against_sdpa, aha_backend, _draw(aha_backend, data, gates=("all",)))
 
 
 @given(data=st.data())
 def test_here_gate_is_sliding_window_attention(aha_backend, data):
-    case = _draw(aha_backend, data, gates=("here",))
-    inp = make_inputs(case, aha_backend.device)
-    out = _attend(aha_backend, inp, case)
-    base = eager_attention(inp.q, inp.k, inp.v, inp.gate, case.window)
-    assert_close("out", out, _oracle(inp, here_mask(case.Nq, case.Nk, case.window)), case.dtype, baseline=base)
+    run_check(check_against_sdpa, aha_backend, _draw(aha_backend, data, gates=("here",)))
+
+
+def check_bool_gate(be, case: Case) -> None:
+    """The gate of ``case`` as bool gives what it gives as q's dtype."""
+    inp = make_inputs(case, be.device)
+    torch.testing.assert_close(_attend(be, inp, case, gate=inp.gate.bool()), _attend(be, inp, case))
 
 
 @given(data=st.data())
 def test_bool_gate_equals_float_gate(aha_backend, data):
-    case = _draw(aha_backend, data, gates=("all", "here", "random"))
-    inp = make_inputs(case, aha_backend.device)
-    torch.testing.assert_close(_attend(aha_backend, inp, case, gate=inp.gate.bool()), _attend(aha_backend, inp, case))
+    run_check(check_bool_gate, aha_backend, _draw(aha_backend, data, gates=("all", "here", "random")))
 
 
 _LOCALITY_TOL = {"float64": 1e-10, "float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}
@@ -236,33 +305,46 @@ def test_locality_keys_outside_the_window_are_never_read(aha_backend, data):
     (The spec promises this for Here tokens only: an All token's future keys may be read and masked.)
     """
     case = _draw(aha_backend, data, gates=("here", "random"))
-    inp = make_inputs(case, aha_backend.device)
     j = data.draw(st.integers(0, case.Nk - 1), label="poisoned key")
     bad = data.draw(st.sampled_from([float("nan"), float("inf"), float("-inf"), 1e4]), label="value")
+    run_check(check_locality, aha_backend, case, key=j, value=bad)
+
+
+def check_locality(be, case: Case, key: int, value: float) -> None:
+    """``value`` in k and v at ``key`` leaves the output of every Here token whose window misses it unchanged."""
+    inp = make_inputs(case, be.device)
+    j = key
     k2, v2 = inp.k.clone(), inp.v.clone()
-    k2[:, :, j], v2[:, :, j] = bad, bad
-    out0 = _attend(aha_backend, inp, case)
-    out1 = aha.attention(inp.q, k2, v2, inp.gate, window=case.window, backend=aha_backend.name)
+    k2[:, :, j], v2[:, :, j] = value, value
+    out0 = _attend(be, inp, case)
+    out1 = aha.attention(inp.q, k2, v2, inp.gate, window=case.window, backend=be.name)
     pos = position_offset(case.Nq, case.Nk) + torch.arange(case.Nq, device=inp.q.device)
     outside = (inp.gate == 0) & ((pos < j) | (pos - case.window >= j))  # (B, Hq, Nq)
     kept0, kept1 = out0[outside], out1[outside]
     assert torch.isfinite(kept1).all(), f"{int((~torch.isfinite(kept1)).sum())} values leaked a poisoned key"
     err = float((kept1.double() - kept0.double()).abs().max()) if kept0.numel() else 0.0
-    assert err <= _LOCALITY_TOL[case.dtype] * max(1.0, float(out0.double().abs().max()))
+    allowed = _LOCALITY_TOL[case.dtype] * max(1.0, float(out0.double().abs().max()))
+    assert err <= allowed, f"out of Here tokens whose window misses key {j}: changed by {err:.3g} > {allowed:.3g}"
 
 
 @given(data=st.data())
 def test_batch_and_head_permutation_invariance(aha_backend, data):
     case = _draw(aha_backend, data)
-    inp = make_inputs(case, aha_backend.device)
+    batch_order = data.draw(st.permutations(range(case.B)), label="batch order")
+    kv_order = data.draw(st.permutations(range(case.Hkv)), label="kv head order")
+    run_check(check_permutation, aha_backend, case, batch_order=batch_order, kv_order=kv_order)
+
+
+def check_permutation(be, case: Case, batch_order: list, kv_order: list) -> None:
+    """Batch entries in ``batch_order`` and kv heads in ``kv_order`` (each with its query heads) permute the output."""
+    inp = make_inputs(case, be.device)
     group = case.Hq // case.Hkv
-    pb = torch.tensor(data.draw(st.permutations(range(case.B)), label="batch order"))
-    pk = data.draw(st.permutations(range(case.Hkv)), label="kv head order")
-    ph = torch.tensor([pk[h // group] * group + h % group for h in range(case.Hq)])
-    pk = torch.tensor(pk)
-    out = _attend(aha_backend, inp, case)
+    pb = torch.tensor(batch_order)
+    ph = torch.tensor([kv_order[h // group] * group + h % group for h in range(case.Hq)])
+    pk = torch.tensor(kv_order)
+    out = _attend(be, inp, case)
     q, k, v, g = inp.q[pb][:, ph], inp.k[pb][:, pk], inp.v[pb][:, pk], inp.gate[pb][:, ph]
-    out_p = aha.attention(q, k, v, g, window=case.window, backend=aha_backend.name)
+    out_p = aha.attention(q, k, v, g, window=case.window, backend=be.name)
     tol = _LOCALITY_TOL[case.dtype]
     torch.testing.assert_close(out_p, out[pb][:, ph], rtol=tol, atol=tol)
 
@@ -270,11 +352,16 @@ def test_batch_and_head_permutation_invariance(aha_backend, data):
 @given(data=st.data())
 def test_large_inputs_stay_finite(aha_backend, data):
     """Inputs scaled by 1e3 give no inf or NaN (scores must not overflow)."""
-    case = _draw(aha_backend, data)
-    inp = make_inputs(case, aha_backend.device)
+    run_check(check_large_inputs, aha_backend, _draw(aha_backend, data))
+
+
+def check_large_inputs(be, case: Case) -> None:
+    """q, k, v of ``case`` times 1e3 give a finite output."""
+    inp = make_inputs(case, be.device)
     big = replace(inp, q=inp.q * 1e3, k=inp.k * 1e3, v=inp.v * 1e3)
-    out = _attend(aha_backend, big, case)
-    assert torch.isfinite(out).all()
+    out = _attend(be, big, case)
+    bad = ~torch.isfinite(out)
+    assert not bad.any(), f"out: {int(bad.sum())} non-finite values, first at index {tuple(bad.nonzero()[0].tolist())}"
 
 
 def golden_dtype(caps) -> str:
@@ -295,7 +382,7 @@ def check_golden(be, name: str, g: dict, ragged: dict | None = None) -> None:
     """One golden case (arrays ``g``, ragged-batch arrays ``ragged``) in `golden_dtype`: forward and gradients."""
     dtype = golden_dtype(be.caps)
     ragged = ragged or {}
-    t = {key: torch.from_numpy(g[key]).to(be.device, getattr(torch, dtype)) for key in ("q", "k", "v", "gate", "dout")}
+    t = {key: torch.tensor(g[key], device=be.device, dtype=getattr(torch, dtype)) for key in ("q", "k", "v", "gate", "dout")}
     wrt = [t[key].requires_grad_(be.caps.grad) for key in ("q", "k", "v", "gate")]
     kw = {key: torch.from_numpy(x).to(be.device) for key, x in ragged.items()}
     out = aha.attention(*wrt, window=int(g["window"]), backend=be.name, **kw)
@@ -306,8 +393,25 @@ def check_golden(be, name: str, g: dict, ragged: dict | None = None) -> None:
         base, bases, roundings = _eager(Inputs(*wrt, t["dout"]), int(g["window"]), pieces=pieces, wrt=wrt if be.caps.grad else ())
     assert_close(f"{name}/out", out, g["out"], dtype, baseline=base)
     if be.caps.grad:
-        for key, got, b, rnd in zip(_NAMES, _grads(out, wrt, t["dout"]), bases, roundings):
-            assert_close(f"{name}/{key}", got, g[key], dtype, kind="grad", baseline=b, rounding=rnd)
+        got = _backend_grads(out, wrt, t["dout"], [g[key] for key in _NAMES])
+        for key, grad, b, rnd in zip(_NAMES, got, bases, roundings):
+            assert_close(f"{name}/{key}", grad, g[key], dtype, kind="grad", baseline=b, rounding=rnd)
+
+
+_RAGGED_KEYS = ("cu_seqlens_q", "cu_seqlens_k", "cache_leftpad", "cache_seqlens")
+
+
+@functools.cache
+def _golden_by_name() -> dict:
+    return dict([*golden_cases(), *golden_ragged_cases()])
+
+
+def check_golden_vector(be, name: str) -> None:
+    """The golden case ``name`` (of `golden_cases` or `golden_ragged_cases`): `check_golden`."""
+    g = _golden_by_name().get(name)
+    if g is None:
+        raise LookupError(f"no golden case is named {name!r}; there are {sorted(_golden_by_name())}")
+    check_golden(be, name, g, {key: g[key] for key in _RAGGED_KEYS if key in g})
 
 
 def test_golden_vectors(aha_backend):
@@ -315,8 +419,8 @@ def test_golden_vectors(aha_backend):
     fitting = [(name, g) for name, g in golden_cases() if _fits_golden(aha_backend.caps, g)]
     if not fitting:
         pytest.skip(f"no golden case fits the head dims {aha_backend.caps.head_dims} of {aha_backend.name!r}")
-    for name, g in fitting:
-        check_golden(aha_backend, name, g)
+    for name, _ in fitting:
+        run_check(check_golden_vector, aha_backend, name)
 
 
 def _chunks(data, n: int) -> list[int]:
@@ -332,27 +436,35 @@ def test_prefill_then_decode_equals_one_full_pass(aha_backend, data):
     """Queries fed chunk by chunk against a growing cache give the rows of one full forward."""
     if not aha_backend.caps.cross:
         return
-    case = _draw(aha_backend, data, gates=("here", "random", "all"))
+    case = _draw(aha_backend, data, gates=("here", "random", "all"), label="case, before Nq = Nk <= 48")
     case = replace(case, Nq=case.Nk) if case.Nk <= 48 else replace(case, Nq=48, Nk=48)
-    inp = make_inputs(case, aha_backend.device)
-    full = _attend(aha_backend, inp, case)
-    rows, end = [], 0
-    for size in _chunks(data, case.Nk):
+    run_check(check_chunks, aha_backend, case, chunks=_chunks(data, case.Nk))
+
+
+def check_chunks(be, case: Case, chunks: list) -> None:
+    """``case`` (Nq = Nk) fed in ``chunks`` of queries, each against the cache so far, gives the full pass's rows."""
+    inp = make_inputs(case, be.device)
+    full = _attend(be, inp, case)
+    tol = _LOCALITY_TOL[case.dtype]
+    end = 0
+    for size in chunks:
         end += size
         sl = slice(end - size, end)
-        rows.append(aha.attention(inp.q[:, :, sl], inp.k[:, :, :end], inp.v[:, :, :end], inp.gate[:, :, sl], window=case.window, backend=aha_backend.name))
-    tol = _LOCALITY_TOL[case.dtype]
-    torch.testing.assert_close(torch.cat(rows, dim=2), full, rtol=tol, atol=tol)
+        rows = aha.attention(inp.q[:, :, sl], inp.k[:, :, :end], inp.v[:, :, :end], inp.gate[:, :, sl], window=case.window, backend=be.name)
+        torch.testing.assert_close(rows, full[:, :, sl], rtol=tol, atol=tol, msg=lambda m, sl=sl, end=end: (
+            f"the call of queries {sl.start}..{sl.stop - 1} against keys 0..{end - 1} (Nq={sl.stop - sl.start}, Nk={end}) "
+            f"differs from the rows of the full pass:\n{m}"))  # fmt: skip
 
 
-def _check_cache_seqlens(be, case, inp, lens, scale=None, gate_grad: bool | None = None):
-    """cache_seqlens = lens (each >= Nq) with NaN / inf in k and v past each L_b, against the reference.
+def check_cache_seqlens(be, case: Case, cache_seqlens: list, scale=None, gate_grad: bool | None = None):
+    """``case`` with ``cache_seqlens`` (L_b >= Nq each) and NaN / inf in k and v past each L_b, against the reference.
 
     The forward runs without grad (the path decoding takes). If the backend declares ``grad``
     and ``gate_grad`` is not None, a second run checks dq, dk, dv (and dgate if ``gate_grad``):
     exactly zero dk and dv past L_b, the rest as the reference VJP.
-    Returns (out, k, v, seqlens): the output and the poisoned keys, values and lengths.
+    Returns (inp, out, k, v, seqlens): the clean inputs, the output and the poisoned keys, values and lengths.
     """
+    inp, lens = make_inputs(case, be.device), list(cache_seqlens)
     k, v = inp.k.clone(), inp.v.clone()
     for b, n in enumerate(lens):
         k[b, :, n:], v[b, :, n:] = float("nan"), float("inf")
@@ -369,14 +481,14 @@ def _check_cache_seqlens(be, case, inp, lens, scale=None, gate_grad: bool | None
     assert_close("out", out, ref, case.dtype, baseline=base)
     if grads:
         leaves, wrt = _leaves(poisoned, be, gate_grad)
-        got = _grads(_attend(be, leaves, case, cache_seqlens=seqlens, scale=scale), wrt, inp.dout)
+        refs = reference_grads(poisoned, case.window, scale, cache_seqlens=lens)
+        got = _backend_grads(_attend(be, leaves, case, cache_seqlens=seqlens, scale=scale), wrt, inp.dout, refs)
         past = torch.arange(case.Nk, device=seqlens.device)[None, :] >= seqlens[:, None]  # (B, Nk)
         for name, g in zip(("dk", "dv"), got[1:3]):
             assert not _tokens(g, past).any(), f"{name}: a key past cache_seqlens[b] got a nonzero gradient (cache_seqlens={lens})"
-        refs = reference_grads(poisoned, case.window, scale, cache_seqlens=lens)
         for name, g, r, b, rnd in zip(_NAMES, got, refs, bases, roundings):
             assert_close(f"{name} (cache_seqlens={lens})", g, r, case.dtype, kind="grad", baseline=b, rounding=rnd)
-    return out, k, v, seqlens
+    return inp, out, k, v, seqlens
 
 
 def _maybe_scale(data, d: int):
@@ -393,12 +505,11 @@ def test_cache_seqlens_read_only_each_sequence_s_keys(aha_backend, data):
     """
     if not aha_backend.caps.seqlens:
         return
-    case = _draw(aha_backend, data)
+    case = _draw(aha_backend, data, label="case, before B >= 2")
     case = replace(case, B=max(case.B, 2))
-    note(f"with B={case.B}: {case!r}")
-    inp = make_inputs(case, aha_backend.device)
     lens = [data.draw(st.integers(case.Nq, case.Nk), label=f"len{b}") for b in range(case.B)]
-    _check_cache_seqlens(aha_backend, case, inp, lens, _maybe_scale(data, case.D), _gate_grad(data, case))
+    scale, gate_grad = _maybe_scale(data, case.D), _gate_grad(data, case)
+    run_check(check_cache_seqlens, aha_backend, case, cache_seqlens=lens, scale=scale, gate_grad=gate_grad)
 
 
 @given(data=st.data())
@@ -410,21 +521,25 @@ def test_decode_steps_with_cache_seqlens(aha_backend, data):
     """
     if not (aha_backend.caps.seqlens and aha_backend.caps.cross):
         return
-    case = _draw(aha_backend, data, gates=("here", "random", "all"))
+    case = _draw(aha_backend, data, gates=("here", "random", "all"), label="case, before B and Nq are drawn")
     nq = data.draw(st.integers(1, min(8, case.Nk)), label="Nq")
     case = replace(case, B=data.draw(st.integers(2, 4), label="B"), Nq=nq)
-    note(f"with B and Nq drawn: {case!r}")
-    inp = make_inputs(case, aha_backend.device)
     lens = [data.draw(st.integers(nq, case.Nk), label=f"len{b}") for b in range(case.B)]
     scale = _maybe_scale(data, case.D)
     gate_grad = _gate_grad(data, case) if data.draw(st.booleans(), label="gradients too") else None
-    out, k, v, seqlens = _check_cache_seqlens(aha_backend, case, inp, lens, scale, gate_grad)
     below = min(lens) - nq - case.window + 1  # keys [0, below) lie below every Here window
-    if below > 0:
-        k[:, :, data.draw(st.integers(0, below - 1), label="poisoned key")] = float("nan")
+    key = data.draw(st.integers(0, below - 1), label="poisoned key") if below > 0 else None
+    run_check(check_decode_steps, aha_backend, case, cache_seqlens=lens, scale=scale, gate_grad=gate_grad, poisoned_key=key)
+
+
+def check_decode_steps(be, case: Case, cache_seqlens: list, scale=None, gate_grad=None, poisoned_key: int | None = None) -> None:
+    """`check_cache_seqlens`, then NaN at ``poisoned_key`` (below every Here window) changes no Here token."""
+    inp, out, k, v, seqlens = check_cache_seqlens(be, case, cache_seqlens, scale, gate_grad)
+    if poisoned_key is not None:
+        k[:, :, poisoned_key] = float("nan")
         here = inp.gate == 0
-        out1 = aha.attention(inp.q, k, v, inp.gate, window=case.window, scale=scale, cache_seqlens=seqlens, backend=aha_backend.name)
-        assert torch.isfinite(out1[here]).all(), "a Here token read a key below its window"
+        out1 = aha.attention(inp.q, k, v, inp.gate, window=case.window, scale=scale, cache_seqlens=seqlens, backend=be.name)
+        assert torch.isfinite(out1[here]).all(), f"a Here token read key {poisoned_key}, below its window"
         tol = _LOCALITY_TOL[case.dtype]
         torch.testing.assert_close(out1[here], out[here], rtol=tol, atol=tol)
 
@@ -434,17 +549,18 @@ def test_long_sequences(aha_backend):
 
     A kernel wrong only past its first tiles fails here even when every drawn problem is short.
     """
-    be = aha_backend
-    for lc in long_cases(be.caps):
-        try:
-            if lc.seqlens is not None:
-                _check_cache_seqlens(be, lc.case, make_inputs(lc.case, be.device), list(lc.seqlens), gate_grad=True)
-                continue
-            check_forward(be, lc.case)
-            if be.caps.grad:
-                check_gradients(be, lc.case)
-        except AssertionError as e:
-            raise AssertionError(f"reproduce: {lc!r}\n{e}") from e
+    for lc in long_cases(aha_backend.caps):
+        run_check(check_long_case, aha_backend, lc)
+
+
+def check_long_case(be, lc: LongCase) -> None:
+    """One of `long_cases`: forward and (if ``grad``) gradients, with ``cache_seqlens`` if it has them."""
+    if lc.seqlens is not None:
+        check_cache_seqlens(be, lc.case, list(lc.seqlens), gate_grad=True)
+        return
+    check_forward(be, lc.case)
+    if be.caps.grad:
+        check_gradients(be, lc.case)
 
 
 # Ragged batches: packed sequences (cu_seqlens_q / cu_seqlens_k) and left-padded rows
@@ -455,9 +571,7 @@ _NAMES = ("dq", "dk", "dv", "dgate")
 
 
 def _draw_ragged(be, data, strategy, **kw):
-    rc = data.draw(strategy(be.caps, max_len=be.max_len, **kw), label="case")
-    note(f"reproduce: {rc!r} (tensors: make_inputs(<that>.case))")
-    return rc
+    return data.draw(strategy(be.caps, max_len=be.max_len, **kw), label="case")
 
 
 def _leaves(inp: Inputs, be, gate_grad: bool) -> tuple[Inputs, list]:
@@ -475,6 +589,28 @@ def _grads(out, wrt, dout) -> tuple:
     if not out.requires_grad:
         return tuple(torch.zeros_like(x) for x in wrt)
     return torch.autograd.grad(out, wrt, dout, allow_unused=True, materialize_grads=True)
+
+
+_NO_GRAD = "autograd finds no path from the output to it: detached, or computed outside autograd with no backward for it"
+
+
+def _backend_grads(out, wrt, dout, refs) -> tuple:
+    """The backend's d sum(dout * out) / d wrt (q, k, v and maybe gate, in that order).
+
+    An input the output does not depend on in autograd fails, naming it, unless its reference
+    gradient (``refs``, float64, same order) is exactly zero: then its gradient is zeros.
+    """
+    if not wrt:
+        return ()
+    got = torch.autograd.grad(out, wrt, dout, allow_unused=True) if out.requires_grad else (None,) * len(wrt)
+    missing = [name[1:] for name, g, r in zip(_NAMES, got, refs) if g is None and np.any(np.asarray(r))]
+    if missing:
+        where = "its output has no autograd graph at all" if not out.requires_grad else _NO_GRAD
+        raise AssertionError(
+            f"the backend returned no gradient for {', '.join(missing)} (it declares grad=True and the reference's "
+            f"{', '.join('d' + m for m in missing)} {'is' if len(missing) == 1 else 'are'} nonzero): {where}"
+        )
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(got, wrt))
 
 
 def _alone(be, inp: Inputs, window: int, pieces, scale=None):
@@ -530,8 +666,8 @@ def check_ragged(be, rc: PackedCase | PaddedCase, gate_grad: bool = True, scale:
     assert not _tokens(out, ~real_q).any(), "a padding query's output is not exactly 0"
     if not wrt:
         return
-    got, want = _grads(out, wrt, inp.dout), _grads(alone, wrt, inp.dout)
     refs = reference_grads(inp, case.window, scale, **ragged)
+    got, want = _backend_grads(out, wrt, inp.dout, refs), _backend_grads(alone, wrt, inp.dout, refs)
     for name, g, w, r, b, rnd in zip(_NAMES, got, want, refs, bases, roundings):
         assert_close(name, g, r, case.dtype, kind="grad", baseline=b, rounding=rnd)
         assert_agree(f"{name} against each sequence alone", g, w, case.dtype, kind="grad", ref=r, baseline=b, rounding=rnd)
@@ -553,7 +689,7 @@ def test_packed_batch_equals_each_sequence_alone(aha_backend, data):
     """Packed sequences (cu_seqlens_q / cu_seqlens_k) give what each sequence gives alone, gradients too."""
     if aha_backend.caps.packed:
         pc = _draw_ragged(aha_backend, data, packed_cases)
-        check_ragged(aha_backend, pc, gate_grad=_gate_grad(data, pc), scale=_maybe_scale(data, pc.case.D))
+        run_check(check_ragged, aha_backend, pc, gate_grad=_gate_grad(data, pc), scale=_maybe_scale(data, pc.case.D))
 
 
 @given(data=st.data())
@@ -561,24 +697,24 @@ def test_left_padded_rows_equal_their_sequences_alone(aha_backend, data):
     """Row b with cache_leftpad (and cache_seqlens) is its sequence k[b, :, lp:L] alone; padding queries give 0."""
     if aha_backend.caps.leftpad:
         pc = _draw_ragged(aha_backend, data, padded_cases)
-        check_ragged(aha_backend, pc, gate_grad=_gate_grad(data, pc), scale=_maybe_scale(data, pc.case.D))
+        run_check(check_ragged, aha_backend, pc, gate_grad=_gate_grad(data, pc), scale=_maybe_scale(data, pc.case.D))
 
 
 def test_ragged_edge_cases(aha_backend):
     for rc in ragged_edge_cases(aha_backend.caps):
-        try:
-            check_ragged(aha_backend, rc)
-        except AssertionError as e:
-            raise AssertionError(f"reproduce: {rc!r}\n{e}") from e
+        run_check(check_ragged, aha_backend, rc)
 
 
-def _poisoned_run(be, inp: Inputs, rc, gate_grad: bool, slots: torch.Tensor, data):
-    """The clean run and the run with NaN / inf / 1e4 in the keys and values at ``slots`` ([B, Nk] bool).
+def _poisons(data) -> dict:
+    """The values put into poisoned keys and values: ``bad_k``, ``bad_v`` (NaN, inf, -inf or 1e4)."""
+    return {"bad_k": data.draw(st.sampled_from(_POISONS), label="poison k"), "bad_v": data.draw(st.sampled_from(_POISONS), label="poison v")}
+
+
+def _poisoned_run(be, inp: Inputs, rc, gate_grad: bool, slots: torch.Tensor, bad_k: float, bad_v: float):
+    """The clean run and the run with ``bad_k`` / ``bad_v`` in the keys and values at ``slots`` ([B, Nk] bool).
 
     Returns (clean out, clean grads, poisoned out, poisoned grads).
     """
-    bad_k = data.draw(st.sampled_from(_POISONS), label="poison k")
-    bad_v = data.draw(st.sampled_from(_POISONS), label="poison v")
     ragged = rc.ragged(be.device)
     clean, wrt = _leaves(inp, be, gate_grad)
     out0 = _attend(be, clean, rc.case, **ragged)
@@ -607,6 +743,11 @@ def test_nan_in_another_packed_sequence_reaches_no_token(aha_backend, data):
     pc = _draw_ragged(be, data, packed_cases, max_seqs=5)
     seqs = len(pc.lens_k)
     poisoned = data.draw(st.sets(st.integers(0, seqs - 1), max_size=max(0, seqs - 1)), label="poisoned sequences")
+    run_check(check_nan_in_other_sequences, be, pc, poisoned=sorted(poisoned), gate_grad=_gate_grad(data, pc), **_poisons(data))
+
+
+def check_nan_in_other_sequences(be, pc: PackedCase, poisoned: list, gate_grad: bool, bad_k: float, bad_v: float) -> None:
+    """``bad_k`` / ``bad_v`` in the keys / values of the sequences ``poisoned`` change no output or gradient of the others."""
     cq, ck = pc.cu_seqlens()
     slots = torch.zeros(1, pc.case.Nk, dtype=torch.bool, device=be.device)
     for s in poisoned:
@@ -614,7 +755,7 @@ def test_nan_in_another_packed_sequence_reaches_no_token(aha_backend, data):
     clean_q = torch.ones(1, pc.case.Nq, dtype=torch.bool, device=be.device)
     for s in poisoned:
         clean_q[0, cq[s] : cq[s + 1]] = False
-    out0, grads0, out1, grads1 = _poisoned_run(be, make_inputs(pc.case, be.device), pc, _gate_grad(data, pc), slots, data)
+    out0, grads0, out1, grads1 = _poisoned_run(be, make_inputs(pc.case, be.device), pc, gate_grad, slots, bad_k, bad_v)
     _assert_unreached("out", out1[:, :, clean_q[0]], out0[:, :, clean_q[0]], pc.case.dtype)
     for name, g1, g0 in zip(_NAMES, grads1, grads0):
         keep = ~slots[0] if name in ("dk", "dv") else clean_q[0]
@@ -631,13 +772,18 @@ def test_nan_in_padding_slots_reaches_no_token(aha_backend, data):
     if not be.caps.leftpad:
         return
     pc = _draw_ragged(be, data, padded_cases)
+    run_check(check_nan_in_padding, be, pc, gate_grad=_gate_grad(data, pc), **_poisons(data))
+
+
+def check_nan_in_padding(be, pc: PaddedCase, gate_grad: bool, bad_k: float, bad_v: float) -> None:
+    """``bad_k`` / ``bad_v`` in the padding slots of ``pc`` change no output or gradient; padding queries give 0."""
     case = pc.case
     j = torch.arange(case.Nk, device=be.device)
     lp = torch.tensor(pc.leftpad, device=be.device)[:, None]
     ends = torch.tensor(pc.ends(), device=be.device)[:, None]
     slots = (j < lp) | (j >= ends)  # (B, Nk)
     inp = make_inputs(case, be.device)
-    out0, grads0, out1, grads1 = _poisoned_run(be, inp, pc, _gate_grad(data, pc), slots, data)
+    out0, grads0, out1, grads1 = _poisoned_run(be, inp, pc, gate_grad, slots, bad_k, bad_v)
     _assert_unreached("out", out1, out0, case.dtype)
     real_q, _ = _owned(pc.pieces(), inp.q.shape, inp.k.shape, be.device)
     assert not _tokens(out1, ~real_q).any(), "a padding query's output is not exactly 0"
@@ -667,7 +813,11 @@ def test_prefill_then_decode_on_a_left_padded_ragged_cache(aha_backend, data):
     be = aha_backend
     if not (be.caps.cross and be.caps.seqlens and be.caps.leftpad):
         return
-    dc = _draw_ragged(be, data, decode_cases)
+    run_check(check_ragged_decode, be, _draw_ragged(be, data, decode_cases))
+
+
+def check_ragged_decode(be, dc: DecodeCase) -> None:
+    """Each call of the generation ``dc`` (`DecodeCase.calls`) against the rows of one full pass and the reference."""
     case, nk = dc.case, dc.case.Nk
     inp = make_inputs(case, be.device)  # one token per position
     j = torch.arange(nk, device=be.device)
@@ -706,6 +856,6 @@ def test_golden_ragged_vectors(aha_backend):
     be = aha_backend
     needs = {"cu_seqlens_q": "packed", "cache_leftpad": "leftpad", "cache_seqlens": "seqlens"}
     for name, g in golden_ragged_cases():
-        ragged = {key: g[key] for key in ("cu_seqlens_q", "cu_seqlens_k", "cache_leftpad", "cache_seqlens") if key in g}
+        ragged = [key for key in _RAGGED_KEYS if key in g]
         if all(getattr(be.caps, needs[key]) for key in ragged if key in needs) and _fits_golden(be.caps, g):
-            check_golden(be, name, g, ragged)
+            run_check(check_golden_vector, be, name)
