@@ -1,4 +1,4 @@
-"""``python -m aha.experiments reproduce [--quick] [--out DIR]`` | ``report [--out DIR]``."""
+"""``python -m aha.experiments reproduce [--quick] [--out DIR]`` | ``pretrain`` | ``report [--out DIR]``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,13 @@ def main(argv=None) -> int:
     )
     rep.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
     rep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pre = sub.add_parser(
+        "pretrain", help="only the full-attention pretraining of `reproduce`, saved to OUT/pretrained.pt"
+    )
+    pre.add_argument("--quick", action="store_true", help="the tiny configuration")
+    pre.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the weights go here (default {DEFAULT_OUT})")
+    pre.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     show = sub.add_parser("report", help="redraw the plots and the page from OUT/results.json")
     show.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
@@ -40,13 +47,26 @@ def main(argv=None) -> int:
 
     from dataclasses import replace
 
-    from aha.experiments.pipeline import FULL, QUICK, reproduce
+    from aha.experiments.pipeline import FULL, PRETRAINED, QUICK, pretrain, reproduce, save_pretrained
 
     cfg = QUICK if args.quick else FULL
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
         cfg = replace(cfg, threads=args.threads)
+    if args.cmd == "pretrain":
+        from aha.experiments.corpus import load_corpus
+        from aha.experiments.progress import Progress
+
+        bar = Progress(cfg.pretrain.steps, enabled=not args.no_progress)
+        bar.stage("pretrain (full attention)")
+        try:
+            model, log = pretrain(cfg, load_corpus(max_bytes=cfg.corpus_max_bytes), tick=bar.update)
+        finally:
+            bar.close()
+        save_pretrained(model, cfg, log, args.out / PRETRAINED)
+        print(f"wrote {args.out / PRETRAINED} in {log['seconds'] / 60:.1f} min")
+        return 0
     command = "python -m aha.experiments reproduce" + (" --quick" if args.quick else "")
     command += f" --threads {args.threads}" if args.threads is not None else ""
     result = reproduce(cfg, args.out, progress=not args.no_progress, command=command)
