@@ -99,6 +99,9 @@ def measure_need(
 ) -> AttentionNeed:
     """Run ``model(ids)`` with full attention on every batch ids [B, N] (one N for all) and measure the need.
 
+    A batch is what the model takes, sequences along dim 1: token ids [B, N] for a language model,
+    or hidden states [B, N, C] for a bare layer.
+
     Every AHA layer computes plain causal attention during the pass (its window is raised to the
     sequence length and restored after), so the routers the model has do not matter. Each layer's
     need is computed from its own q, k, v with the rotary embedding the model passes it (or its own
@@ -124,8 +127,8 @@ def measure_need(
     length, seen = None, 0
     try:
         for ids in batches:
-            if ids.ndim != 2 or ids.shape[0] == 0:
-                raise ValueError(f"batches: each must be token ids [B, N] with B >= 1, got shape {tuple(ids.shape)}")
+            if ids.ndim < 2 or ids.shape[0] == 0:
+                raise ValueError(f"batches: each must be [B, N, ...] (B >= 1 sequences of N), got {tuple(ids.shape)}")
             if length is not None and ids.shape[1] != length:
                 raise ValueError(f"batches: every batch must have the same length, got {ids.shape[1]} after {length}")
             length = ids.shape[1]
@@ -234,16 +237,18 @@ def _logit(p: float) -> float:
 
 
 def _bias_for_share(z: torch.Tensor, share: float, threshold: float) -> float:
-    """The bias that puts ``share`` of the scores z [T] above logit(threshold)."""
+    """The bias that puts ``share`` of the scores z [T] above logit(threshold), the cut in a gap between distinct
+    scores (tied scores, e.g. of equal inputs, all go the same way) and in its middle, away from rounding."""
     cut = _logit(threshold)
-    if share <= 0:
-        return cut - float(z.max()) - 1.0
-    if share >= 1:
-        return cut - float(z.min()) + 1.0
     zs = z.double().sort(descending=True).values
-    k = min(max(round(share * zs.numel()), 1), zs.numel())
-    lo = float(zs[k]) if k < zs.numel() else float(zs[-1]) - 1.0
-    return cut - (float(zs[k - 1]) + lo) / 2
+    k = round(share * zs.numel())
+    gaps = (zs[:-1] > zs[1:]).nonzero().flatten() + 1  # k such that zs[k - 1] > zs[k]
+    if k <= 0 or not len(gaps) and k < zs.numel():
+        return cut - float(zs[0]) - 1.0
+    if k >= zs.numel():
+        return cut - float(zs[-1]) + 1.0
+    k = int(gaps[(gaps - k).abs().argmin()])
+    return cut - (float(zs[k - 1]) + float(zs[k])) / 2
 
 
 @torch.no_grad()
