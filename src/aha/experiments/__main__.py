@@ -30,6 +30,15 @@ def main(argv=None) -> int:
     pre.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the weights go here (default {DEFAULT_OUT})")
     pre.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cal = sub.add_parser(
+        "calibrate",
+        help="routers without fine-tuning against per-head, random and oracle routing (OUT/calibration.json); "
+        "uses OUT/pretrained.pt",
+    )
+    cal.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds")
+    cal.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON, plot and page (default {DEFAULT_OUT})")
+    cal.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
+    cal.add_argument("--no-progress", action="store_true", help="no progress bar")
     show = sub.add_parser("report", help="redraw the plots and the page from OUT/results.json")
     show.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
@@ -54,6 +63,13 @@ def main(argv=None) -> int:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
         cfg = replace(cfg, threads=args.threads)
+    if args.cmd == "calibrate":
+        from aha.experiments.calibrate import CALIBRATION_JSON, STUDY, STUDY_QUICK, study
+
+        scfg = replace(STUDY_QUICK if args.quick else STUDY, experiment=cfg)
+        result = study(scfg, args.out, progress=not args.no_progress, command=_command(args))
+        print(_wrote(args.out, CALIBRATION_JSON, "the plot", result))
+        return 0
     if args.cmd == "pretrain":
         from aha.experiments.corpus import load_corpus
         from aha.experiments.progress import Progress
@@ -67,14 +83,19 @@ def main(argv=None) -> int:
         save_pretrained(model, cfg, log, args.out / PRETRAINED)
         print(f"wrote {args.out / PRETRAINED} in {log['seconds'] / 60:.1f} min")
         return 0
-    command = "python -m aha.experiments reproduce" + (" --quick" if args.quick else "")
-    command += f" --threads {args.threads}" if args.threads is not None else ""
-    result = reproduce(cfg, args.out, progress=not args.no_progress, command=command)
-    print(
-        f"wrote {args.out / RESULTS_JSON}, the plots and {args.out.with_suffix('.md')} "
-        f"in {result['meta']['seconds'] / 60:.1f} min"
-    )
+    result = reproduce(cfg, args.out, progress=not args.no_progress, command=_command(args))
+    print(_wrote(args.out, RESULTS_JSON, "the plots", result))
     return 0
+
+
+def _command(args) -> str:
+    """The command line as the results state it."""
+    command = f"python -m aha.experiments {args.cmd}" + (" --quick" if args.quick else "")
+    return command + (f" --threads {args.threads}" if args.threads is not None else "")
+
+
+def _wrote(out: Path, name: str, plots: str, result: dict) -> str:
+    return f"wrote {out / name}, {plots} and {out.with_suffix('.md')} in {result['meta']['seconds'] / 60:.1f} min"
 
 
 if __name__ == "__main__":

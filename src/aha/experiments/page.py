@@ -364,8 +364,8 @@ _CAVEATS = """## How this setting differs from the paper's
 """
 
 
-def render(result: dict, out: str) -> str:
-    """The page; ``out`` is the directory of the plots relative to the page."""
+def render(result: dict, out: str, extra: list[str] = ()) -> str:
+    """The page; ``out`` is the directory of the plots relative to the page; ``extra``: sections before the caveats."""
     parts = [
         _INTRO,
         *_setup(result),
@@ -373,6 +373,7 @@ def render(result: dict, out: str) -> str:
         *_heads(result),
         *_passkey(result),
         *_comparison(result),
+        *extra,
         _CAVEATS,
     ]
     return "\n".join(parts).replace("{out}", out)

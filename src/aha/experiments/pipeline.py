@@ -171,6 +171,20 @@ def _load_average() -> float | None:
         return None
 
 
+def run_meta(command: str) -> dict:
+    """The command, when it started, and on what: Python, torch, machine, threads, CPUs, load average."""
+    return {
+        "command": command,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_average": {"start": _load_average()},
+    }
+
+
 def _meta(cfg: ExperimentConfig, corpus, data: dict, command: str) -> dict:
     """What ran, where, on what: everything the page states besides the measurements."""
     probes = {
@@ -185,14 +199,7 @@ def _meta(cfg: ExperimentConfig, corpus, data: dict, command: str) -> dict:
         if name in data
     }
     return {
-        "command": command,
-        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "load_average": {"start": _load_average()},
+        **run_meta(command),
         "backend": _backend_name(cfg.model),
         "corpus": corpus.describe(),
         "config": {**cfg.to_dict(), "windows": cfg.windows},

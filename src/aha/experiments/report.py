@@ -7,6 +7,7 @@ an existing DIR/results.json.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -256,9 +257,17 @@ def write_report(result: dict, out: Path) -> Path:
     ):
         fn(result, out / PLOTS[key])
     page = out.with_suffix(".md")
+    from aha.experiments.calibrate import CALIBRATION_JSON
+    from aha.experiments.calibration_report import PLOT as CALIBRATION_PLOT
+    from aha.experiments.calibration_report import plot_calibration, section
     from aha.experiments.page import render
 
-    page.write_text(render(result, out.name))
+    extra = []
+    if (out / CALIBRATION_JSON).is_file():  # the study of `python -m aha.experiments calibrate`
+        calibration = json.loads((out / CALIBRATION_JSON).read_text())
+        plot_calibration(calibration, out / CALIBRATION_PLOT)
+        extra = section(calibration, "{out}")
+    page.write_text(render(result, out.name, extra))
     return page
 
 
