@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from aha.nn import AHAAttention, aha_layers, apply_rotary, plain_attention, rotary_embedding
+import aha
+from aha.nn import AHAAttention, aha_layers, apply_rotary, rotary_embedding
 
 __all__ = ["AttentionNeed", "measure_need", "need_threshold", "need_gates", "fit_router", "calibrate_routers"]
 
@@ -54,12 +55,14 @@ class AttentionNeed:
 
     window: int
     output: torch.Tensor  # (L, B, Hq, N)
-    mass: torch.Tensor  # (L, B, Hq, N)
+    mass: torch.Tensor | None  # (L, B, Hq, N); None when not measured
     inputs: list[torch.Tensor] | None = None  # per layer (B, N, C)
 
     def get(self, measure: str) -> torch.Tensor:
         if measure not in MEASURES:
             raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
+        if getattr(self, measure) is None:
+            raise ValueError(f"measure: {measure!r} was not measured (measure_need(..., mass=True) measures it)")
         return getattr(self, measure)
 
     def beyond(self, measure: str = "output") -> torch.Tensor:
@@ -68,8 +71,21 @@ class AttentionNeed:
         return x.transpose(1, 2).flatten(2)
 
 
-def _layer_need(layer: AHAAttention, x: torch.Tensor, position_embeddings, window: int):
-    """Relative output change and outside mass [B, Hq, N] of ``layer`` on its input x [B, N, C]."""
+def _outside_mass(q: torch.Tensor, k: torch.Tensor, window: int) -> torch.Tensor:
+    """The causal softmax weight [B, Hq, N] each query puts on keys more than ``window`` - 1 behind it."""
+    n = q.shape[2]
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, Hq, N, N)
+    rows = torch.arange(n, device=q.device)
+    causal = rows[None, :] <= rows[:, None]
+    outside = rows[None, :] <= rows[:, None] - window
+    lse_all = torch.logsumexp(scores.masked_fill(~causal, float("-inf")), -1)
+    lse_out = torch.logsumexp(scores.masked_fill(~outside, float("-inf")), -1)
+    return torch.exp(lse_out - lse_all)  # exp(-inf) = 0 where no key is outside
+
+
+def _layer_need(layer: AHAAttention, x: torch.Tensor, position_embeddings, window: int, mass: bool):
+    """Relative output change and outside mass (None unless ``mass``) [B, Hq, N] of ``layer`` on its input x."""
     b, n, _ = x.shape
     q, k, v, _ = layer._project(x)
     if position_embeddings is None and layer.rope_theta is not None:
@@ -78,24 +94,21 @@ def _layer_need(layer: AHAAttention, x: torch.Tensor, position_embeddings, windo
     if position_embeddings is not None:
         cos, sin = position_embeddings
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    q, k, v = q.float(), k.float(), v.float()
     ones = torch.ones(b, layer.num_heads, n, dtype=torch.bool, device=x.device)
-    o_all, w_all = plain_attention(q.float(), k.float(), v.float(), ones, window=window)  # (B, Hq, N, D), (B, Hq, N, N)
-    o_here, _ = plain_attention(q.float(), k.float(), v.float(), ~ones, window=window)
-    rows = torch.arange(n, device=x.device)
-    inside = rows[None, :] > rows[:, None] - window  # (N, N): the keys Here reads (with the causal mask)
-    mass = (1 - (w_all * inside).sum(-1)).clamp_min(0)  # (B, Hq, N)
+    o_all = aha.attention(q, k, v, ones, window=window, backend=layer.backend)  # (B, Hq, N, D)
+    o_here = aha.attention(q, k, v, ~ones, window=window, backend=layer.backend)
     wo = layer.o_proj.weight.float().view(-1, layer.num_heads, layer.head_dim)  # (C, Hq, D)
     delta = torch.einsum("bhnd,chd->bhnc", o_all - o_here, wo).norm(dim=-1)  # (B, Hq, N)
     total = torch.einsum("bhnd,chd->bnc", o_all, wo).norm(dim=-1)  # (B, N)
     output = delta / (total[:, None] + _EPS)
-    below = rows < window
-    output[..., below], mass[..., below] = 0.0, 0.0
-    return output, mass
+    output[..., :window] = 0.0
+    return output, _outside_mass(q, k, window) if mass else None
 
 
 @torch.no_grad()
 def measure_need(
-    model: nn.Module, batches: Iterable[torch.Tensor], *, window: int, keep_inputs: bool = False
+    model: nn.Module, batches: Iterable[torch.Tensor], *, window: int, keep_inputs: bool = False, mass: bool = True
 ) -> AttentionNeed:
     """Run ``model(ids)`` with full attention on every batch ids [B, N] (one N for all) and measure the need.
 
@@ -105,7 +118,9 @@ def measure_need(
     Every AHA layer computes plain causal attention during the pass (its window is raised to the
     sequence length and restored after), so the routers the model has do not matter. Each layer's
     need is computed from its own q, k, v with the rotary embedding the model passes it (or its own
-    RoPE), for a Here window of ``window`` keys. Batches must be whole sequences (no padding).
+    RoPE), for a Here window of ``window`` keys, with the layer's own `aha.attention` backend. Batches must be
+    whole sequences (no padding). ``mass``: measure the attention mass outside the window as well (it
+    needs the [B, Hq, N, N] scores); ``keep_inputs``: keep each layer's input, for fitting routers.
     """
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be an int >= 1 (the keys a Here token reads), got {window!r}")
@@ -117,8 +132,9 @@ def measure_need(
 
     def hook(layer, args, kwargs):
         x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
-        output, mass = _layer_need(layer, x, kwargs.get("position_embeddings"), window)
-        out[index[id(layer)]].append((output.cpu(), mass.cpu(), x.detach().float().cpu() if keep_inputs else None))
+        output, outside = _layer_need(layer, x, kwargs.get("position_embeddings"), window, mass)
+        outside = None if outside is None else outside.cpu()
+        out[index[id(layer)]].append((output.cpu(), outside, x.detach().float().cpu() if keep_inputs else None))
 
     saved = [layer.window for layer in layers]
     handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
@@ -150,9 +166,9 @@ def measure_need(
     if not seen:
         raise ValueError("batches: no calibration data (the iterable was empty)")
     output = torch.stack([torch.cat([o for o, _, _ in per]) for per in out])  # (L, B, Hq, N)
-    mass = torch.stack([torch.cat([m for _, m, _ in per]) for per in out])
+    outside = torch.stack([torch.cat([m for _, m, _ in per]) for per in out]) if mass else None
     inputs = [torch.cat([x for _, _, x in per]) for per in out] if keep_inputs else None
-    return AttentionNeed(window, output, mass, inputs)
+    return AttentionNeed(window, output, outside, inputs)
 
 
 def _check_target(share: float | None, budget: float | None) -> None:

@@ -259,9 +259,9 @@ def study(cfg: StudyConfig, out: Path, *, progress: bool = True, command: str = 
         save()
         for w in cfg.windows:
             bar.stage(f"window {w}: measure")
-            need_cal = measure_need(full, [cal_ids], window=w, keep_inputs=True)
+            need_cal = measure_need(full, cal_ids.split(8), window=w, keep_inputs=True)
             bar.update()
-            need_eval = measure_need(full, [inputs], window=w)
+            need_eval = measure_need(full, inputs.split(8), window=w, mass=False)
             bar.update()
             here = copy.deepcopy(full)
             set_window(here, w)

@@ -249,9 +249,9 @@ def write_calibration(result: dict, out: Path) -> Path:
     from aha.experiments.report import write_report
 
     out = Path(out)
-    plot_calibration(result, out / PLOT)
-    if (out / RESULTS_JSON).is_file():
+    if (out / RESULTS_JSON).is_file():  # the whole page, this plot with the others
         return write_report(json.loads((out / RESULTS_JSON).read_text()), out)
+    plot_calibration(result, out / PLOT)
     page = out.with_suffix(".md")
     page.write_text("\n".join(["# Results", "", *section(result, out.name)]).replace("{out}", out.name))
     return page
