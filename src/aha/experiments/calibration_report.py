@@ -49,7 +49,7 @@ def plot_calibration(result: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     windows = _windows(result)
-    fig = Figure(figsize=(3.3 * len(windows), 3.6), layout="constrained")
+    fig = Figure(figsize=(max(7.0, 3.0 * len(windows)), 4.4), layout="constrained")
     axes = fig.subplots(1, len(windows), sharey=True, squeeze=False)[0]
     control = _control(result)
     repro = (result.get("reproduction") or {}).get("runs", [])
@@ -72,10 +72,15 @@ def plot_calibration(result: dict, path: Path) -> None:
                 ax.plot([r["all_share"] for r in runs], [r["heldout_loss"] - control for r in runs], "P", color="C4",
                         ms=8, label="reproduction's fine-tuned AHA (Δ vs control)")  # fmt: skip
         ax.set_yscale("symlog", linthresh=1e-3)
-        ax.set(title=f"window {w}", xlabel="share of All (positions ≥ window)", xlim=(-0.02, 1.02))
+        ax.set(title=f"window {w}", xlabel="share of All (positions ≥ window)")
+        ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("Δ held-out loss (nats/byte)")
-    axes[-1].legend(fontsize=6, loc="upper right")
+    handles = {}
+    for ax in axes:  # every label once, whichever panel has it
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=3, fontsize=7)
     fig.savefig(path, dpi=110)
 
 
@@ -154,6 +159,39 @@ def _findings(result: dict) -> list[str]:
     if gaps:
         out.append("* Share of the sliding window's loss (every gate Here) that calibrated routers win back, "
                    "by window over the shares: " + "; ".join(gaps) + ".")  # fmt: skip
+    return out
+
+
+def _finetune_findings(result: dict) -> list[str]:
+    """Calibrated-then-fine-tuned against the reproduction's fine-tunes from All, and calibration alone against them."""
+    control = _control(result)
+    repro = (result.get("reproduction") or {}).get("runs", [])
+    if control is None:
+        return []
+    out = []
+    for p in sorted(result["finetuned"], key=lambda p: (p["window"], p["lam"])):
+        same = [r for r in repro if r["window"] == p["window"] and r["lam"] == p["lam"]]
+        text = (
+            f"* Window {p['window']}, λ = {p['lam']:g}: calibrated at {p['target_share']:.2%} All and fine-tuned, the "
+            f"routers end at {p['all_share']:.1%} All with Δ {_f(p['heldout_loss'] - control)} against the control"
+        )
+        if same:
+            r = same[0]
+            text += (
+                f"; fine-tuned from All (the reproduction) they end at {r['all_share']:.1%} All with Δ "
+                f"{_f(r['heldout_loss'] - control)}"
+            )
+        out.append(text + ".")
+    for r in sorted(repro, key=lambda r: (r["window"], r["lam"])):
+        cal = _by(result, "calibrated", r["window"])
+        if r["kind"] == "none" or not cal:
+            continue
+        near = min(cal, key=lambda c: abs(c["all_share"] - r["all_share"]))
+        out.append(
+            f"* Window {r['window']}: the reproduction's router (λ = {r['lam']:g}) keeps {r['all_share']:.1%} All, "
+            f"Δ {_f(r['heldout_loss'] - control)} against the control; calibrated routers without any training at "
+            f"{near['all_share']:.1%} All: Δ {_f(near['delta_loss'])} against the pretrained model."
+        )
     return out
 
 
@@ -238,6 +276,8 @@ def section(result: dict, out: str) -> list[str]:
             "attention for the same steps and batches); the reproduction's rows are read from results.json.",
             "",
             *ft,
+            "",
+            *_finetune_findings(result),
             "",
         ]
     return lines
