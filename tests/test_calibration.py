@@ -173,6 +173,29 @@ def test_the_command_calibrates_a_checkpoint_that_round_trips(olmo2_dir, capsys)
     assert not torch.equal(bias, torch.ones_like(bias))  # set by calibration, not add_router's start
 
 
+def test_the_command_reads_text_with_the_checkpoints_tokenizer(olmo2_dir):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from aha.hf.calibrate import load_tokens, main
+
+    words = [f"w{i}" for i in range(90)]
+    tok = Tokenizer(models.WordLevel({w: i + 2 for i, w in enumerate(words)} | {"<unk>": 1}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(olmo2_dir / "src")
+    gen = torch.Generator().manual_seed(3)
+    text = " ".join(words[int(i)] for i in torch.randint(0, 90, (2000,), generator=gen))
+    (olmo2_dir / "text.txt").write_text(text)
+    ids = load_tokens(olmo2_dir / "text.txt", length=32, tokenizer_src=olmo2_dir / "src")
+    assert ids.shape == (2000 // 32, 32)
+    assert ids.flatten().tolist() == AutoTokenizer.from_pretrained(olmo2_dir / "src")(text)["input_ids"][: ids.numel()]
+    argv = [str(olmo2_dir / "src"), str(olmo2_dir / "dst"), "--window", "8", "--budget", "0.5"]
+    assert main([*argv, "--data", str(olmo2_dir / "text.txt"), "--length", "32"]) == 0
+    assert (olmo2_dir / "dst" / "tokenizer.json").is_file()  # the tokenizer travels with the checkpoint
+    report = json.loads((olmo2_dir / "dst" / "aha_calibration.json").read_text())
+    assert report["oracle"]["need_covered"] >= 0.5 and report["target"]["budget"] == 0.5
+
+
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
