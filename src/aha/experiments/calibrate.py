@@ -257,6 +257,7 @@ def study(cfg: StudyConfig, out: Path, *, progress: bool = True, command: str = 
             result["control_loss"] = evaluate(control, eval_ids)[0]
             bar.update()
         save()
+        starts = {}  # window -> (share, calibrated model) to fine-tune
         for w in cfg.windows:
             bar.stage(f"window {w}: measure")
             need_cal = measure_need(full, cal_ids.split(8), window=w, keep_inputs=True)
@@ -300,16 +301,19 @@ def study(cfg: StudyConfig, out: Path, *, progress: bool = True, command: str = 
                     result["points"].append(_point(method, w, share, loss, gates, full_loss))
                     bar.update()
                 if w in cfg.finetune_windows and k == cfg.finetune_heads_all:
-                    for lam in cfg.finetune_lams:
-                        bar.stage(f"window {w}: fine-tune calibrated routers, lambda {lam:g}")
-                        model = copy.deepcopy(calibrated["calibrated"][0])
-                        log = train(model, corpus.train, exp.finetune, lam=lam, tick=bar.update)
-                        loss, gates = evaluate(model, eval_ids)
-                        point = _point("calibrated_finetuned", w, share, loss, gates, full_loss, lam=lam,
-                                       train={"curve": log["curve"], "seconds": log["seconds"]})  # fmt: skip
-                        result["finetuned"].append(point)
-                        bar.update()
+                    starts[w] = (share, calibrated["calibrated"][0])
             save()
+        for w, (share, start) in starts.items():  # last: every point without training is saved by now
+            for lam in cfg.finetune_lams:
+                bar.stage(f"window {w}: fine-tune calibrated routers, lambda {lam:g}")
+                model = copy.deepcopy(start)
+                log = train(model, corpus.train, exp.finetune, lam=lam, tick=bar.update)
+                loss, gates = evaluate(model, eval_ids)
+                point = _point("calibrated_finetuned", w, share, loss, gates, full_loss, lam=lam,
+                               train={"curve": log["curve"], "seconds": log["seconds"]})  # fmt: skip
+                result["finetuned"].append(point)
+                bar.update()
+                save()
     finally:
         bar.close()
     result["meta"]["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
