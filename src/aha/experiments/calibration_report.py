@@ -18,7 +18,7 @@ LABELS = {
     "calibrated_mass": "calibrated (attention mass)",
     "per_head": "per-head static (DuoAttention-style)",
     "random": "random per token, same per-head shares",
-    "oracle": "oracle per token (upper bound)",
+    "oracle": "oracle per token (its own measured need)",
 }
 _STYLE = {
     "calibrated": ("o-", "C0"),
@@ -213,7 +213,8 @@ def section(result: dict, out: str) -> list[str]:
         "reads Here instead of All (*output change*), and the head's attention weight outside the window "
         "(*attention mass*). It labels as All the tokens above one global threshold, fits each head's linear router "
         "on the layer input by logistic regression, and sets each head's bias so that it routes the same share of "
-        "its calibration tokens All as the threshold does. No weight of the model changes.",
+        "its calibration tokens All as the threshold does. No weight of the model changes. For a transformers "
+        "checkpoint: `python -m aha.hf.calibrate SRC DST --window 256 --share 0.1 --data calibration.txt`.",
         "",
         f"* **Model**: the reproduction's pretrained weights (`{Path(pre.get('path', '')).name}`, "
         + ("loaded" if pre.get("loaded") else f"pretrained again, {pre.get('seconds', 0) / 60:.1f} min")
@@ -235,7 +236,9 @@ def section(result: dict, out: str) -> list[str]:
         "token, the rest Here (DuoAttention's form, without its attention sink). **Random**: each held-out token "
         "All with its head's share under the calibrated routers "
         f"(seed {meta['seeds']['random_routing']}). **Oracle**: All where the held-out token's own measured output "
-        "change is above the global threshold for the share (no router sees this).",
+        "change is above the global threshold for the share: what a router that predicted the measure perfectly "
+        "would do (no router sees the token's own attention beforehand; the measure is a proxy of the loss, so "
+        "this is no bound on it).",
         "* **Calibrated, then fine-tuned**: the calibrated routers at "
         f"{cfg['shares'][cfg['heads_all'].index(cfg['finetune_heads_all'])]:.2%} All, then the reproduction's "
         f"fine-tune ({cfg['experiment']['finetune']['steps']} steps, the same batches, λ = "
