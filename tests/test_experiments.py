@@ -320,3 +320,21 @@ def test_committed_results_page_is_rendered_from_its_json():
         "docs/results.md is stale: run `python -m aha.experiments report`"
     )
     assert all((docs / "results" / name).is_file() for name in PLOTS.values())
+
+
+def test_pretrained_weights_round_trip_and_name_their_config(tmp_path):
+    from dataclasses import replace
+
+    from aha.experiments.pipeline import QUICK, load_pretrained, save_pretrained
+
+    torch.manual_seed(0)
+    model = ByteLM(QUICK.model)
+    log = {"curve": [[1, 5.0, None]], "seconds": 1.0}
+    save_pretrained(model, QUICK, log, tmp_path / "pretrained.pt")
+    loaded, got = load_pretrained(QUICK, tmp_path / "pretrained.pt")
+    assert got == log
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    other = replace(QUICK, pretrain=replace(QUICK.pretrain, steps=QUICK.pretrain.steps + 1))
+    with pytest.raises(ValueError, match="path: .* was pretrained with"):
+        load_pretrained(other, tmp_path / "pretrained.pt")
