@@ -101,6 +101,33 @@ def _wins(result: dict, a: str, b: str) -> tuple[int, int, list[str]]:
     return wins, total, losses
 
 
+def _curve_at(result: dict, method: str, window: int, share: float) -> float | None:
+    """Δ loss of ``method`` at ``share``, linear between its points and every-gate-Here at share 0."""
+    pts = [(0.0, p["delta_loss"]) for p in _by(result, "here", window)]
+    pts += [(p["all_share"], p["delta_loss"]) for p in _by(result, method, window)]
+    pts.sort()
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= share <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (share - x0) / (x1 - x0)
+    return None
+
+
+def _wins_at_share(result: dict, a: str, b: str) -> tuple[int, int, list[str]]:
+    """Like _wins, but b read off its curve at the share a reached on the held-out data."""
+    wins, total, losses = 0, 0, []
+    for w in _windows(result):
+        for pa in _by(result, a, w):
+            yb = _curve_at(result, b, w, pa["all_share"])
+            if yb is None:
+                continue
+            total += 1
+            if pa["delta_loss"] < yb:
+                wins += 1
+            else:
+                losses.append(f"window {w}, share {pa['all_share']:.3f}")
+    return wins, total, losses
+
+
 def _table(result: dict) -> list[str]:
     methods = [m for m in LABELS if any(p["method"] == m for p in result["points"])]
     head = "| window | share of All | " + " | ".join(LABELS[m] for m in methods) + " |"
@@ -138,18 +165,31 @@ def _finetune_table(result: dict) -> list[str]:
     return lines
 
 
+def _sentence(a: str, b: str, wins: int, total: int, losses: list[str], how: str) -> str:
+    tail = f" It does not at: {'; '.join(losses)}." if losses and len(losses) <= 6 else ""
+    if len(losses) > 6:
+        tail = f" It does not at {len(losses)} of them."
+    return f"* **{LABELS[a]}** has a lower Δ loss than **{LABELS[b]}** at {wins} of {total} points {how}.{tail}"
+
+
 def _findings(result: dict) -> list[str]:
     out = []
-    for a, b in (("calibrated", "per_head"), ("calibrated", "random"), ("oracle", "per_head"),
-                 ("calibrated", "calibrated_mass"), ("oracle", "calibrated")):  # fmt: skip
+    same = "(same window and target share)"
+    for a, b, how in (
+        ("oracle", "per_head", "(same window and share)"),
+        ("calibrated", "random", "(same window and per-head shares)"),
+        ("calibrated", "calibrated_mass", same),
+        ("oracle", "calibrated", same),
+        ("calibrated", "per_head", same),
+    ):
         wins, total, losses = _wins(result, a, b)
-        if not total:
-            continue
-        tail = f" It does not at: {'; '.join(losses)}." if losses and len(losses) <= 8 else ""
-        if losses and len(losses) > 8:
-            tail = f" It does not at {len(losses)} of them."
-        out.append(f"* **{LABELS[a]}** has a lower Δ loss than **{LABELS[b]}** at {wins} of {total} "
-                   f"(window, share) points.{tail}")  # fmt: skip
+        if total:
+            out.append(_sentence(a, b, wins, total, losses, how))
+    wins, total, losses = _wins_at_share(result, "calibrated", "per_head")
+    if total:
+        how = ("at the share of All the calibrated routers reached on the held-out data (the per-head split read "
+               "off its curve, linear between its points and every gate Here at 0)")  # fmt: skip
+        out.append(_sentence("calibrated", "per_head", wins, total, losses, how))
     gaps = []
     for w in _windows(result):
         cal, orc, here = _by(result, "calibrated", w), _by(result, "oracle", w), _by(result, "here", w)
@@ -159,6 +199,51 @@ def _findings(result: dict) -> list[str]:
     if gaps:
         out.append("* Share of the sliding window's loss (every gate Here) that calibrated routers win back, "
                    "by window over the shares: " + "; ".join(gaps) + ".")  # fmt: skip
+    return out
+
+
+def _plain(wins: int, total: int) -> str:
+    if wins == total:
+        return f"at every one of the {total} points"
+    if wins == 0:
+        return f"at none of the {total} points"
+    return f"at {wins} of {total} points"
+
+
+def _summary(result: dict) -> list[str]:
+    """The answer in words, every count computed from the points."""
+    out = []
+    w_or, t_or, _ = _wins(result, "oracle", "per_head")
+    w_cal, t_cal, _ = _wins_at_share(result, "calibrated", "per_head")
+    w_rnd, t_rnd, _ = _wins(result, "calibrated", "random")
+    if t_or:
+        out.append(
+            f"**Per-token routing can beat per-head routing**: All where each token's own measured need is highest "
+            f"(the oracle) has a lower Δ loss than the per-head split at the same share {_plain(w_or, t_or)}."
+        )
+    if t_cal:
+        cal = [p for p in result["points"] if p["method"] == "calibrated"]
+        agree = [p["calibration"]["agreement"] for p in cal]
+        here = [1 - p["calibration"]["router_share"] for p in cal]
+        out.append(
+            f"**Linear routers calibrated on the layer input beat the per-head split {_plain(w_cal, t_cal)}** (at "
+            f"the share they reach on held-out data), and random routing with their own per-head shares "
+            f"{_plain(w_rnd, t_rnd)}. On the calibration tokens they agree with the oracle's choice for "
+            f"{min(agree):.1%} to {max(agree):.1%} of the (layer, head, token) routes; routing every one of them "
+            f"Here would agree for {min(here):.1%} to {max(here):.1%}."
+        )
+    control = _control(result)
+    repro = {(r["window"], r["lam"]): r for r in (result.get("reproduction") or {}).get("runs", [])}
+    pairs = [(p, repro.get((p["window"], p["lam"]))) for p in result["finetuned"]]
+    pairs = [(p, r) for p, r in pairs if r is not None]
+    if control is not None and pairs:
+        better = sum(p["heldout_loss"] < r["heldout_loss"] for p, r in pairs)
+        fewer = sum(p["all_share"] < r["all_share"] for p, r in pairs)
+        out.append(
+            f"**Calibration as the start of fine-tuning**: against the reproduction's fine-tunes from All (same "
+            f"window, λ, steps and batches), starting from calibrated routers gives the lower held-out loss "
+            f"{_plain(better, len(pairs))} and the smaller share of All {_plain(fewer, len(pairs))}."
+        )
     return out
 
 
@@ -267,6 +352,7 @@ def section(result: dict, out: str) -> list[str]:
         "",
         "### What it shows",
         "",
+        *[x for line in _summary(result) for x in (line, "")],
         *_findings(result),
         "",
     ]
