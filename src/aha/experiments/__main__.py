@@ -13,7 +13,9 @@ DEFAULT_OUT = Path("docs/results")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aha.experiments", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    rep = sub.add_parser("reproduce", help="train, fine-tune, evaluate and write the results (under an hour on 2 cores)")
+    rep = sub.add_parser(
+        "reproduce", help="train, fine-tune, evaluate and write the results (under an hour on 2 cores)"
+    )
     rep.add_argument("--quick", action="store_true", help="a tiny configuration that runs in well under a minute")
     rep.add_argument(
         "--out",
