@@ -196,6 +196,28 @@ def test_the_command_reads_text_with_the_checkpoints_tokenizer(olmo2_dir):
     assert report["oracle"]["need_covered"] >= 0.5 and report["target"]["budget"] == 0.5
 
 
+def test_a_routed_checkpoint_without_router_bias_gets_one(olmo2_dir):
+    from transformers import AutoModelForCausalLM
+
+    from aha.hf.calibrate import main
+    from test_hf import faolmo
+
+    src = faolmo(window=4)  # the released layout: routers without bias, trained gate rows
+    assert not src.config.router_bias
+    src.save_pretrained(olmo2_dir / "routed")
+    argv = [str(olmo2_dir / "routed"), str(olmo2_dir / "dst"), "--window", "8", "--share", "0.3"]
+    assert main([*argv, "--data", str(olmo2_dir / "ids.pt"), "--length", "32"]) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(olmo2_dir / "dst").eval()
+    assert loaded.config.router_bias and loaded.config.local_window_size == 8
+    assert all(layer.self_attn.window == 8 for layer in loaded.model.layers)
+    heads = src.config.num_attention_heads
+    for name, weight in src.state_dict().items():  # every weight but the gate rows is the source's
+        got = loaded.state_dict()[name]
+        if name.endswith("q_proj.weight"):
+            weight, got = weight[:-heads], got[:-heads]
+        torch.testing.assert_close(got, weight, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
