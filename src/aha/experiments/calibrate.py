@@ -204,7 +204,9 @@ def study(cfg: StudyConfig, out: Path, *, progress: bool = True, command: str = 
     eval_ids = heldout_windows(corpus.heldout, exp.eval_sequences, ctx + 1)  # the reproduction's windows
     cal_ids = heldout_windows(corpus.train, cfg.calibration_sequences, ctx, seed=CALIBRATION_SEED)
     inputs = eval_ids[:, :-1]
-    bar = Progress(_units(cfg), enabled=progress)
+    path = out / PRETRAINED
+    missing = not path.is_file()  # then pretrain as `reproduce` does (slow: the weights are kept for next time)
+    bar = Progress(_units(cfg) + (exp.pretrain.steps if missing else 0), enabled=progress)
     result = {
         "schema": 1,
         "meta": {
@@ -231,13 +233,12 @@ def study(cfg: StudyConfig, out: Path, *, progress: bool = True, command: str = 
         (out / CALIBRATION_JSON).write_text(json.dumps(_rounded(result), indent=1))
 
     try:
-        bar.stage("pretrained full-attention model")
-        path = out / PRETRAINED
-        if path.is_file():
+        bar.stage(f"pretrain (full attention; no {path})" if missing else "pretrained full-attention model")
+        if not missing:
             full, log = load_pretrained(exp, path)
             result["meta"]["pretrained"] = {"path": str(path), "loaded": True}
         else:
-            full, log = pretrain(exp, corpus, tick=None)
+            full, log = pretrain(exp, corpus, tick=bar.update)
             save_pretrained(full, exp, log, path)
             result["meta"]["pretrained"] = {"path": str(path), "loaded": False, "seconds": log["seconds"]}
         torch.set_num_threads(exp.threads)
