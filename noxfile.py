@@ -94,9 +94,11 @@ def gpu(session):
 
 @nox.session(python=PY)
 def reproduce(session):
-    """The small-scale reproduction of the paper (under an hour on 2 cores); writes docs/results*."""
+    """The small-scale reproduction of the paper (under an hour on 2 cores), then the router calibration study on
+    its pretrained weights (under 30 minutes); writes docs/results*."""
     _install(session, "experiments")
     session.run("python", "-m", "aha.experiments", "reproduce", *session.posargs)
+    session.run("python", "-m", "aha.experiments", "calibrate", *session.posargs)
 
 
 @nox.session(python=PY)

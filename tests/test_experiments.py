@@ -238,6 +238,32 @@ def test_quick_pipeline(tmp_path, capsys):
     assert main(["report", "--out", str(out)]) == 0  # redrawn from the JSON alone
     assert (tmp_path / "results.md").read_text() == page
 
+    # the calibration study on the weights reproduce kept, its section added to the same page
+    from aha.experiments.calibrate import CALIBRATION_JSON, METHODS, STUDY_QUICK
+    from aha.experiments.calibration_report import PLOT
+    from aha.experiments.report import page_text
+
+    assert (out / "pretrained.pt").is_file()
+    assert main(["calibrate", "--quick", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    study = json.loads((out / CALIBRATION_JSON).read_text())
+    assert study["meta"]["pretrained"]["loaded"]
+    assert study["full_loss"] == pytest.approx(result["full"]["heldout_loss"], abs=1e-5)  # the same weights
+    assert study["reproduction"]["control_loss"] == result["full_continued"]["heldout_loss"]
+    shares = STUDY_QUICK.shares()
+    for method in METHODS:
+        pts = [p for p in study["points"] if p["method"] == method]
+        assert [(p["window"], p["target_share"]) for p in pts] == [(w, s) for w in STUDY_QUICK.windows for s in shares]
+        for p in pts:
+            assert p["delta_loss"] == pytest.approx(p["heldout_loss"] - study["full_loss"], abs=1e-5)
+    for method in ("per_head", "oracle"):  # these meet the share exactly on the held-out data
+        for p in study["points"]:
+            if p["method"] == method:
+                assert p["all_share"] == pytest.approx(p["target_share"], abs=1e-3)
+    assert len(study["finetuned"]) == len(STUDY_QUICK.finetune_windows) * len(STUDY_QUICK.finetune_lams)
+    assert (out / PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (tmp_path / "results.md").read_text()
+    assert "## Routers without fine-tuning" in page and page == page_text(result, out)
+
 
 def test_cli_errors(tmp_path, capsys):
     from aha.experiments.__main__ import main
@@ -284,14 +310,31 @@ def test_committed_results_page_is_rendered_from_its_json():
     """docs/results.md is exactly what docs/results/results.json renders to: no hand edits, no stale page."""
     from pathlib import Path
 
-    from aha.experiments.page import render
-    from aha.experiments.report import PLOTS
+    from aha.experiments.report import PLOTS, page_text
 
     docs = Path(__file__).resolve().parents[1] / "docs"
     if not (docs / "results" / "results.json").is_file():
         pytest.skip("no committed results")
     result = json.loads((docs / "results" / "results.json").read_text())
-    assert (docs / "results.md").read_text() == render(result, "results"), (
+    assert (docs / "results.md").read_text() == page_text(result, docs / "results"), (
         "docs/results.md is stale: run `python -m aha.experiments report`"
     )
     assert all((docs / "results" / name).is_file() for name in PLOTS.values())
+
+
+def test_pretrained_weights_round_trip_and_name_their_config(tmp_path):
+    from dataclasses import replace
+
+    from aha.experiments.pipeline import QUICK, load_pretrained, save_pretrained
+
+    torch.manual_seed(0)
+    model = ByteLM(QUICK.model)
+    log = {"curve": [[1, 5.0, None]], "seconds": 1.0}
+    save_pretrained(model, QUICK, log, tmp_path / "pretrained.pt")
+    loaded, got = load_pretrained(QUICK, tmp_path / "pretrained.pt")
+    assert got == log
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    other = replace(QUICK, pretrain=replace(QUICK.pretrain, steps=QUICK.pretrain.steps + 1))
+    with pytest.raises(ValueError, match="path: .* was pretrained with"):
+        load_pretrained(other, tmp_path / "pretrained.pt")

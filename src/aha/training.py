@@ -11,7 +11,10 @@ nothing is global and nothing runs unless a helper is attached::
         model.generate(...)
     stats.per_layer()                          # share of All per layer
 
-See docs/training.md for the recipe.
+See docs/training.md for the recipe. Routers can also be fitted to a trained model without
+training it, from its own attention: `calibrate_routers` (from `aha.calibration`)::
+
+    report = calibrate_routers(model, batches, window=256, share=0.1)
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from aha.calibration import calibrate_routers
 from aha.nn import AHAAttention, aha_layers
 
-__all__ = ["LAMBDA", "sparsity_term", "RouterSparsity", "GateStats"]
+__all__ = ["LAMBDA", "sparsity_term", "RouterSparsity", "GateStats", "calibrate_routers"]
 
 LAMBDA = 3e-4  # the paper's weight of the L1 term on the router probabilities
 

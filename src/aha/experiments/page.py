@@ -341,8 +341,10 @@ times smaller than the paper's OLMo-2 and its context is hundreds of bytes, not 
 read it as a test of the shape of the findings, not of their numbers.
 
 This page, the plots and `{out}/results.json` (every raw number) are written by
-`nox -s reproduce` (or `python -m aha.experiments reproduce`); `python -m aha.experiments report`
-redraws them from the JSON. Do not edit them by hand.
+`nox -s reproduce` (or `python -m aha.experiments reproduce`), which keeps the pretrained weights in
+`{out}/pretrained.pt`; `python -m aha.experiments calibrate` (also run by `nox -s reproduce`) adds the
+section "Routers without fine-tuning" from them (`{out}/calibration.json`); `python -m aha.experiments report`
+redraws everything from the JSON. Do not edit them by hand.
 """
 
 
@@ -364,8 +366,8 @@ _CAVEATS = """## How this setting differs from the paper's
 """
 
 
-def render(result: dict, out: str) -> str:
-    """The page; ``out`` is the directory of the plots relative to the page."""
+def render(result: dict, out: str, extra: list[str] = ()) -> str:
+    """The page; ``out`` is the directory of the plots relative to the page; ``extra``: sections before the caveats."""
     parts = [
         _INTRO,
         *_setup(result),
@@ -373,6 +375,7 @@ def render(result: dict, out: str) -> str:
         *_heads(result),
         *_passkey(result),
         *_comparison(result),
+        *extra,
         _CAVEATS,
     ]
     return "\n".join(parts).replace("{out}", out)

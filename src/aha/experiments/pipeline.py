@@ -26,9 +26,21 @@ from aha.experiments.report import SWEEP_LABELS
 from aha.experiments.train import TrainConfig, evaluate, finetune, forced_gates, gate_shares, train
 from aha.training import LAMBDA
 
-__all__ = ["ExperimentConfig", "Sweep", "FULL", "QUICK", "reproduce", "RESULTS_JSON"]
+__all__ = [
+    "ExperimentConfig",
+    "Sweep",
+    "FULL",
+    "QUICK",
+    "reproduce",
+    "pretrain",
+    "save_pretrained",
+    "load_pretrained",
+    "RESULTS_JSON",
+    "PRETRAINED",
+]
 
 RESULTS_JSON = "results.json"
+PRETRAINED = "pretrained.pt"  # the pretrained full-attention weights, next to results.json
 PROBES = ("passkey", "passkey_near")  # planted early (beyond every window), and near (between the windows)
 
 
@@ -159,6 +171,20 @@ def _load_average() -> float | None:
         return None
 
 
+def run_meta(command: str) -> dict:
+    """The command, when it started, and on what: Python, torch, machine, threads, CPUs, load average."""
+    return {
+        "command": command,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_average": {"start": _load_average()},
+    }
+
+
 def _meta(cfg: ExperimentConfig, corpus, data: dict, command: str) -> dict:
     """What ran, where, on what: everything the page states besides the measurements."""
     probes = {
@@ -173,20 +199,50 @@ def _meta(cfg: ExperimentConfig, corpus, data: dict, command: str) -> dict:
         if name in data
     }
     return {
-        "command": command,
-        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "load_average": {"start": _load_average()},
+        **run_meta(command),
         "backend": _backend_name(cfg.model),
         "corpus": corpus.describe(),
         "config": {**cfg.to_dict(), "windows": cfg.windows},
         "eval_bytes": int(data["eval"].shape[0] * cfg.model.context),
         "probes": probes,
     }
+
+
+def pretrain(cfg: ExperimentConfig, corpus, tick=None) -> tuple[ByteLM, dict]:
+    """The full-attention model of ``reproduce``: seeded by ``cfg.seed``, trained with ``cfg.pretrain``.
+
+    The model's initialisation is the only draw from the global generator (training samples
+    with its own), so the same config gives the same weights here and in ``reproduce``.
+    """
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    full = ByteLM(cfg.model)
+    return full, train(full, corpus.train, cfg.pretrain, tick=tick)
+
+
+def save_pretrained(model: ByteLM, cfg: ExperimentConfig, log: dict, path: Path) -> None:
+    """The weights (fp32), the configs that made them and the training log, in one torch file."""
+    state = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+    meta = {"model": cfg.model.to_dict(), "pretrain": cfg.pretrain.to_dict(), "seed": cfg.seed, "train": log}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"schema": 1, "meta": meta, "state_dict": state}, path)
+
+
+def load_pretrained(cfg: ExperimentConfig, path: Path) -> tuple[ByteLM, dict]:
+    """The model saved by ``save_pretrained`` and its training log; an error if it was made by another config."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    meta = saved["meta"]
+    want = {"model": cfg.model.to_dict(), "pretrain": cfg.pretrain.to_dict(), "seed": cfg.seed}
+    got = {k: meta[k] for k in want}
+    if json.loads(json.dumps(got)) != json.loads(json.dumps(want)):
+        raise ValueError(
+            f"path: {path} was pretrained with {got}, not with this experiment's {want}; "
+            "pretrain again (`python -m aha.experiments pretrain`) or point at the right file"
+        )
+    model = ByteLM(cfg.model)
+    model.load_state_dict(saved["state_dict"])
+    model.eval()
+    return model, meta["train"]
 
 
 def reproduce(cfg: ExperimentConfig, out: Path, *, progress: bool = True, command: str = "") -> dict:
@@ -219,9 +275,10 @@ def reproduce(cfg: ExperimentConfig, out: Path, *, progress: bool = True, comman
     bar = Progress(_total_units(cfg), enabled=progress)
     try:
         bar.stage("pretrain (full attention)")
-        full = ByteLM(cfg.model)
+        full, log = pretrain(cfg, corpus, tick=bar.update)
+        save_pretrained(full, cfg, log, out / PRETRAINED)
         result["meta"]["parameters"] = sum(p.numel() for p in full.parameters())
-        result["full"] = {"train": train(full, corpus.train, cfg.pretrain, tick=bar.update)}
+        result["full"] = {"train": log}
         bar.stage("evaluate full attention")
         result["full"].update(_assess(full, cfg, data, ctx, routed=False, bar=bar))
         result["full"]["here_only_loss"] = {}

@@ -7,10 +7,11 @@ an existing DIR/results.json.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
-__all__ = ["write_report", "PLOTS", "PAPER", "SWEEP_LABELS"]
+__all__ = ["write_report", "page_text", "PLOTS", "PAPER", "SWEEP_LABELS"]
 
 PLOTS = {
     "curve": "all_share_by_window.png",
@@ -255,11 +256,28 @@ def write_report(result: dict, out: Path) -> Path:
         ("training", plot_training),
     ):
         fn(result, out / PLOTS[key])
+    from aha.experiments.calibrate import CALIBRATION_JSON
+    from aha.experiments.calibration_report import PLOT as CALIBRATION_PLOT
+    from aha.experiments.calibration_report import plot_calibration
+
+    if (out / CALIBRATION_JSON).is_file():  # the study of `python -m aha.experiments calibrate`
+        plot_calibration(json.loads((out / CALIBRATION_JSON).read_text()), out / CALIBRATION_PLOT)
     page = out.with_suffix(".md")
+    page.write_text(page_text(result, out))
+    return page
+
+
+def page_text(result: dict, out: Path) -> str:
+    """The page for ``result`` (out/results.json), with the section of out/calibration.json when there is one."""
+    from aha.experiments.calibrate import CALIBRATION_JSON
+    from aha.experiments.calibration_report import section
     from aha.experiments.page import render
 
-    page.write_text(render(result, out.name))
-    return page
+    out = Path(out)
+    extra = []
+    if (out / CALIBRATION_JSON).is_file():
+        extra = section(json.loads((out / CALIBRATION_JSON).read_text()), "{out}")
+    return render(result, out.name, extra)
 
 
 def fmt(x: float | None, digits: int = 3) -> str:
