@@ -7,8 +7,14 @@ from __future__ import annotations
 import os
 import socket
 
-# fork: the ranks inherit the loaded torch and transformers (a spawned rank spends most of a test importing them)
-_START = os.environ.get("AHA_DISTRIBUTED_START", "fork")
+# forkserver: ranks fork from one server process started once per session, which has torch, transformers and
+# aha.hf loaded (a spawned rank spends most of a test importing them). Not fork: a rank forked from the busy test
+# process inherits its threads' locks (a glibc resolver lock held at fork time deadlocked a rank's TCPStore).
+_START = os.environ.get("AHA_DISTRIBUTED_START", "forkserver")
+if _START == "forkserver":
+    import multiprocessing
+
+    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "transformers", "aha.hf"])
 
 
 def _free_port() -> int:
