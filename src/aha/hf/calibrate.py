@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -74,17 +73,13 @@ def load_tokens(path, *, length: int, sequences: int | None = None, tokenizer_sr
 def routed_model(model, *, window: int):
     """A routed model with a router bias at ``window``: converted from a base model, or the routed one as it is
     (rebuilt with ``router_bias=True`` when it has no bias)."""
-    from aha.hf.convert import _NOT_COPIED, add_router
+    from aha.hf.convert import add_router, remade
 
     model_type = getattr(model.config, "model_type", None)
     if model_type not in ROUTED_TYPES:
         return add_router(model, window=window)
-    config = model.config
-    if not config.router_bias:
-        fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_COPIED}
-        fields.update(local_window_size=window, router_bias=True)
-        ref = next(model.parameters())
-        rebuilt = type(model)(type(config)(**fields)).to(device=ref.device, dtype=ref.dtype)
+    if not model.config.router_bias:
+        rebuilt = remade(model, type(model.config), type(model), local_window_size=window, router_bias=True)
         missing, unexpected = rebuilt.load_state_dict(model.state_dict(), strict=False)
         if unexpected or any(not k.endswith("gate_bias") for k in missing):
             raise ValueError(
@@ -137,11 +132,9 @@ def calibrate_checkpoint(
     Path(dst).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst)
     (Path(dst) / REPORT).write_text(json.dumps(report, indent=1))
-    from aha.hf.convert import _TOKENIZER_FILES
+    from aha.hf.convert import copy_tokenizer_files
 
-    tokenizer = {f for pattern in _TOKENIZER_FILES for f in Path(src).glob(pattern)}
-    for f in sorted(f for f in tokenizer if not (Path(dst) / f.name).exists()):
-        shutil.copy2(f, Path(dst) / f.name)
+    copy_tokenizer_files(src, dst)
     return report
 
 

@@ -44,6 +44,13 @@ def _routed_classes(model_type: str):
     return getattr(hf, config_name), getattr(hf, model_name)
 
 
+def remade(model, config_cls, model_cls, **changes):
+    """A new, untrained ``model_cls`` on ``model``'s device and dtype, with ``model``'s config fields and ``changes``."""
+    fields = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_COPIED}
+    ref = next(model.parameters())
+    return model_cls(config_cls(**{**fields, **changes})).to(device=ref.device, dtype=ref.dtype)
+
+
 def add_router(model, *, window: int, init_logit: float = 1.0):
     """A routed copy of ``model`` (an Olmo2, Llama or Qwen2 ``*ForCausalLM``) with the same logits.
 
@@ -60,13 +67,10 @@ def add_router(model, *, window: int, init_logit: float = 1.0):
     if not init_logit > 0:
         raise ValueError(f"init_logit must be > 0 so that every gate starts All, got {init_logit!r}")
     config_cls, model_cls = _routed_classes(getattr(model.config, "model_type", None))
-    fields = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_COPIED}
-    config = config_cls(**fields, local_window_size=window, router_bias=True)
-    ref = next(model.parameters())
-    routed = model_cls(config).to(device=ref.device, dtype=ref.dtype)
+    routed = remade(model, config_cls, model_cls, local_window_size=window, router_bias=True)
 
     state = dict(model.state_dict())
-    heads = config.num_attention_heads
+    heads = routed.config.num_attention_heads
     for i, layer in enumerate(routed.model.layers):
         prefix = f"model.layers.{i}.self_attn."
         w = state[prefix + "q_proj.weight"]
@@ -91,12 +95,18 @@ def convert_checkpoint(src, dst, *, window: int, init_logit: float = 1.0, dtype=
     model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
     routed = add_router(model, window=window, init_logit=init_logit)
     routed.save_pretrained(dst)
-    if Path(src).is_dir():
-        for pattern in _TOKENIZER_FILES:
-            for f in Path(src).glob(pattern):
-                if not (Path(dst) / f.name).exists():
-                    shutil.copy2(f, Path(dst) / f.name)
+    copy_tokenizer_files(src, dst)
     return routed
+
+
+def copy_tokenizer_files(src, dst) -> None:
+    """Copy the tokenizer files of the checkpoint directory ``src`` into ``dst``, keeping those ``dst`` has."""
+    if not Path(src).is_dir():
+        return
+    for pattern in _TOKENIZER_FILES:
+        for f in Path(src).glob(pattern):
+            if not (Path(dst) / f.name).exists():
+                shutil.copy2(f, Path(dst) / f.name)
 
 
 def main(argv=None) -> int:
