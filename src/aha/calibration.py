@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 import aha
-from aha.nn import AHAAttention, aha_layers, apply_rotary, rotary_embedding
+from aha.nn import AHAAttention, aha_layers
 
 __all__ = ["AttentionNeed", "measure_need", "need_threshold", "need_gates", "fit_router", "calibrate_routers"]
 
@@ -88,12 +88,7 @@ def _layer_need(layer: AHAAttention, x: torch.Tensor, position_embeddings, windo
     """Relative output change and outside mass (None unless ``mass``) [B, Hq, N] of ``layer`` on its input x."""
     b, n, _ = x.shape
     q, k, v, _ = layer._project(x)
-    if position_embeddings is None and layer.rope_theta is not None:
-        position_embeddings = rotary_embedding(torch.arange(n, device=x.device)[None], layer.head_dim,
-                                               layer.rope_theta, q.dtype)  # fmt: skip
-    if position_embeddings is not None:
-        cos, sin = position_embeddings
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    q, k = layer.rotate(q, k, position_embeddings, torch.arange(n, device=x.device)[None])
     q, k, v = q.float(), k.float(), v.float()
     ones = torch.ones(b, layer.num_heads, n, dtype=torch.bool, device=x.device)
     o_all = aha.attention(q, k, v, ones, window=window, backend=layer.backend)  # (B, Hq, N, D)

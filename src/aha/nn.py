@@ -301,6 +301,16 @@ class AHAAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v, logits
 
+    def rotate(self, q, k, position_embeddings=None, position_ids=None):
+        """q [B, Hq, N, D], k [B, Hkv, N, D] turned by the caller's rotary embedding (cos, sin), else by the
+        layer's RoPE at ``position_ids`` [B or 1, N] when rope_theta is set; unchanged when neither applies."""
+        if position_embeddings is None and self.rope_theta is not None:
+            position_embeddings = rotary_embedding(position_ids, self.head_dim, self.rope_theta, q.dtype)
+        if position_embeddings is None:
+            return q, k
+        cos, sin = position_embeddings
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
     def forward(
         self,
         x,
@@ -351,15 +361,11 @@ class AHAAttention(nn.Module):
         else:
             sequences.check(b, n, len_k)
         q, k, v, logits = self._project(x)
-        if position_embeddings is None and self.rope_theta is not None:
-            if position_ids is None:
-                position_ids = (
-                    torch.arange(n, device=x.device)[None] + offset if sequences is None else sequences.positions
-                )  # (B or 1, N)
-            position_embeddings = rotary_embedding(position_ids, self.head_dim, self.rope_theta, q.dtype)
-        if position_embeddings is not None:
-            cos, sin = position_embeddings
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if position_embeddings is None and self.rope_theta is not None and position_ids is None:
+            position_ids = (
+                torch.arange(n, device=x.device)[None] + offset if sequences is None else sequences.positions
+            )  # (B or 1, N)
+        q, k = self.rotate(q, k, position_embeddings, position_ids)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, len_k, D)
             if k.shape[-2] != len_k:
