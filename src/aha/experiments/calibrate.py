@@ -19,9 +19,7 @@ Shares are counted at positions >= window (Here = All below). They are multiples
 from __future__ import annotations
 
 import copy
-import datetime
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,8 +35,7 @@ from aha.experiments.pipeline import (
     QUICK,
     RESULTS_JSON,
     ExperimentConfig,
-    _load_average,
-    _rounded,
+    ResultWriter,
     load_pretrained,
     pretrain,
     run_meta,
@@ -198,7 +195,7 @@ def study(cfg: StudyConfig, out: Path, *, progress: bool = True, command: str = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(exp.threads)
-    started, cpu_started = time.perf_counter(), time.process_time()
+    writer = ResultWriter(out / CALIBRATION_JSON)
     corpus = load_corpus(max_bytes=exp.corpus_max_bytes)
     ctx = exp.model.context
     eval_ids = heldout_windows(corpus.heldout, exp.eval_sequences, ctx + 1)  # the reproduction's windows
@@ -226,12 +223,6 @@ def study(cfg: StudyConfig, out: Path, *, progress: bool = True, command: str = 
         "finetuned": [],
     }
 
-    def save():
-        result["meta"]["load_average"]["end"] = _load_average()
-        result["meta"]["seconds"] = time.perf_counter() - started
-        result["meta"]["cpu_seconds"] = time.process_time() - cpu_started
-        (out / CALIBRATION_JSON).write_text(json.dumps(_rounded(result), indent=1))
-
     try:
         bar.stage(f"pretrain (full attention; no {path})" if missing else "pretrained full-attention model")
         if not missing:
@@ -257,7 +248,7 @@ def study(cfg: StudyConfig, out: Path, *, progress: bool = True, command: str = 
             train(control, corpus.train, exp.finetune, tick=bar.update)
             result["control_loss"] = evaluate(control, eval_ids)[0]
             bar.update()
-        save()
+        writer.save(result)
         starts = {}  # window -> (share, calibrated model) to fine-tune
         for w in cfg.windows:
             bar.stage(f"window {w}: measure")
@@ -303,7 +294,7 @@ def study(cfg: StudyConfig, out: Path, *, progress: bool = True, command: str = 
                     bar.update()
                 if w in cfg.finetune_windows and k == cfg.finetune_heads_all:
                     starts[w] = (share, calibrated["calibrated"][0])
-            save()
+            writer.save(result)
         for w, (share, start) in starts.items():  # last: every point without training is saved by now
             for lam in cfg.finetune_lams:
                 bar.stage(f"window {w}: fine-tune calibrated routers, lambda {lam:g}")
@@ -314,12 +305,10 @@ def study(cfg: StudyConfig, out: Path, *, progress: bool = True, command: str = 
                                train={"curve": log["curve"], "seconds": log["seconds"]})  # fmt: skip
                 result["finetuned"].append(point)
                 bar.update()
-                save()
+                writer.save(result)
     finally:
         bar.close()
-    result["meta"]["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    save()
-    saved = json.loads((out / CALIBRATION_JSON).read_text())
+    saved = writer.finish(result)
     write_calibration(saved, out)
     return saved
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from aha.experiments.report import fmt
+
 __all__ = ["write_calibration", "plot_calibration", "section", "LABELS"]
 
 PLOT = "calibration.png"
@@ -84,10 +86,6 @@ def plot_calibration(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _f(x, digits: int = 4) -> str:
-    return "–" if x is None else f"{x:.{digits}f}"
-
-
 def _wins(result: dict, a: str, b: str) -> tuple[int, int, list[str]]:
     """How often method a has the lower Δ loss than b at the same window and target share; where it does not."""
     wins, total, losses = 0, 0, []
@@ -138,7 +136,7 @@ def _table(result: dict) -> list[str]:
             cells = []
             for m in methods:
                 p = rows[m][i]
-                cells.append(f"{_f(p['delta_loss'])} ({p['all_share']:.3f})")
+                cells.append(f"{fmt(p['delta_loss'], 4)} ({p['all_share']:.3f})")
             lines.append(f"| {w} | {ref['target_share']:.4f} | " + " | ".join(cells) + " |")
     return lines
 
@@ -155,12 +153,12 @@ def _finetune_table(result: dict) -> list[str]:
     for p in sorted(result["finetuned"], key=lambda p: (p["window"], p["lam"])):
         lines.append(
             f"| calibrated at {p['target_share']:.4f}, then fine-tuned | {p['window']} | {p['lam']:g} | "
-            f"{p['all_share']:.3f} | {_f(p['heldout_loss'] - control)} |"
+            f"{p['all_share']:.3f} | {fmt(p['heldout_loss'] - control, 4)} |"
         )
     for r in sorted(repro, key=lambda r: (r["window"], r["lam"])):
         lines.append(
             f"| reproduction: from All, fine-tuned ({r['kind']}) | {r['window']} | {r['lam']:g} | "
-            f"{r['all_share']:.3f} | {_f(r['heldout_loss'] - control)} |"
+            f"{r['all_share']:.3f} | {fmt(r['heldout_loss'] - control, 4)} |"
         )
     return lines
 
@@ -258,13 +256,13 @@ def _finetune_findings(result: dict) -> list[str]:
         same = [r for r in repro if r["window"] == p["window"] and r["lam"] == p["lam"]]
         text = (
             f"* Window {p['window']}, λ = {p['lam']:g}: calibrated at {p['target_share']:.2%} All and fine-tuned, the "
-            f"routers end at {p['all_share']:.1%} All with Δ {_f(p['heldout_loss'] - control)} against the control"
+            f"routers end at {p['all_share']:.1%} All with Δ {fmt(p['heldout_loss'] - control, 4)} against the control"
         )
         if same:
             r = same[0]
             text += (
                 f"; fine-tuned from All (the reproduction) they end at {r['all_share']:.1%} All with Δ "
-                f"{_f(r['heldout_loss'] - control)}"
+                f"{fmt(r['heldout_loss'] - control, 4)}"
             )
         out.append(text + ".")
     for r in sorted(repro, key=lambda r: (r["window"], r["lam"])):
@@ -274,8 +272,8 @@ def _finetune_findings(result: dict) -> list[str]:
         near = min(cal, key=lambda c: abs(c["all_share"] - r["all_share"]))
         out.append(
             f"* Window {r['window']}: the reproduction's router (λ = {r['lam']:g}) keeps {r['all_share']:.1%} All, "
-            f"Δ {_f(r['heldout_loss'] - control)} against the control; calibrated routers without any training at "
-            f"{near['all_share']:.1%} All: Δ {_f(near['delta_loss'])} against the pretrained model."
+            f"Δ {fmt(r['heldout_loss'] - control, 4)} against the control; calibrated routers without any training at "
+            f"{near['all_share']:.1%} All: Δ {fmt(near['delta_loss'], 4)} against the pretrained model."
         )
     return out
 
@@ -332,8 +330,8 @@ def section(result: dict, out: str) -> list[str]:
         + ", ".join(str(x) for x in cfg["finetune_windows"])
         + ".",
         f"* **Run**: `{meta['command']}`, torch threads {meta['threads']}: {meta['seconds'] / 60:.1f} min wall, "
-        f"{meta['cpu_seconds'] / 60:.1f} min CPU, load average {_f(meta['load_average'].get('start'), 1)} at the "
-        f"start, {_f(meta['load_average'].get('end'), 1)} at the end.",
+        f"{meta['cpu_seconds'] / 60:.1f} min CPU, load average {fmt(meta['load_average'].get('start'), 1)} at the "
+        f"start, {fmt(meta['load_average'].get('end'), 1)} at the end.",
         "",
         f"![Δ loss against share of All]({out}/{PLOT})",
         "",
@@ -344,7 +342,7 @@ def section(result: dict, out: str) -> list[str]:
         "",
         "Every gate Here (the sliding window alone), for reference: "
         + ", ".join(
-            f"window {w}: {_f(_by(result, 'here', w)[0]['delta_loss'])}"
+            f"window {w}: {fmt(_by(result, 'here', w)[0]['delta_loss'], 4)}"
             for w in _windows(result)
             if _by(result, "here", w)
         )  # fmt: skip

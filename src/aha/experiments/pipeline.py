@@ -171,6 +171,27 @@ def _load_average() -> float | None:
         return None
 
 
+class ResultWriter:
+    """Writes a run's result JSON to ``path`` after every point, with the wall and CPU time since it was made
+    and the load average so far; ``finish`` stamps the end and returns the result as saved (rounded)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.started, self.cpu_started = time.perf_counter(), time.process_time()
+
+    def save(self, result: dict) -> None:
+        meta = result["meta"]
+        meta["load_average"]["end"] = _load_average()
+        meta["seconds"] = time.perf_counter() - self.started
+        meta["cpu_seconds"] = time.process_time() - self.cpu_started
+        self.path.write_text(json.dumps(_rounded(result), indent=1))
+
+    def finish(self, result: dict) -> dict:
+        result["meta"]["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self.save(result)
+        return json.loads(self.path.read_text())
+
+
 def run_meta(command: str) -> dict:
     """The command, when it started, and on what: Python, torch, machine, threads, CPUs, load average."""
     return {
@@ -253,7 +274,7 @@ def reproduce(cfg: ExperimentConfig, out: Path, *, progress: bool = True, comman
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    started, cpu_started = time.perf_counter(), time.process_time()
+    writer = ResultWriter(out / RESULTS_JSON)
     corpus = load_corpus(max_bytes=cfg.corpus_max_bytes)
     ctx = cfg.model.context
     data = {
@@ -265,12 +286,6 @@ def reproduce(cfg: ExperimentConfig, out: Path, *, progress: bool = True, comman
             corpus.heldout, cfg.passkey_sequences, ctx, seed=8, distance=cfg.passkey_near
         )
     result = {"schema": 1, "meta": _meta(cfg, corpus, data, command), "runs": []}
-
-    def save():
-        result["meta"]["load_average"]["end"] = _load_average()
-        result["meta"]["seconds"] = time.perf_counter() - started
-        result["meta"]["cpu_seconds"] = time.process_time() - cpu_started
-        (out / RESULTS_JSON).write_text(json.dumps(_rounded(result), indent=1))
 
     bar = Progress(_total_units(cfg), enabled=progress)
     try:
@@ -288,13 +303,13 @@ def reproduce(cfg: ExperimentConfig, out: Path, *, progress: bool = True, comman
                 result["full"]["here_only_loss"][str(w)] = evaluate(full, data["eval"])[0]
             bar.update()
         set_window(full, ctx)
-        save()
+        writer.save(result)
 
         bar.stage("fine-tune full attention (control)")
         control = copy.deepcopy(full)
         result["full_continued"] = {"train": train(control, corpus.train, cfg.finetune, tick=bar.update)}
         result["full_continued"].update(_assess(control, cfg, data, ctx, routed=False, bar=bar))
-        save()
+        writer.save(result)
 
         for sweep in cfg.sweeps:
             for w in sweep.windows:
@@ -303,11 +318,9 @@ def reproduce(cfg: ExperimentConfig, out: Path, *, progress: bool = True, comman
                 run = {"window": w, "lam": sweep.lam, "kind": sweep.kind, "train": log}
                 run.update(_assess(model, cfg, data, w, routed=True, bar=bar))
                 result["runs"].append(run)
-                save()
+                writer.save(result)
     finally:
         bar.close()
-    result["meta"]["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    save()
-    saved = json.loads((out / RESULTS_JSON).read_text())
+    saved = writer.finish(result)
     write_report(saved, out)  # from the JSON alone, as `python -m aha.experiments report` would
     return saved
