@@ -190,9 +190,10 @@ def _keys_read(gate, nq: int, nk: int, window: int):
     """[B, Hq, Nq] float64: the keys each query reads (All: every causal key, Here: its window)."""
     import torch
 
-    pos = torch.arange(nk - nq, nk, device=gate.device, dtype=torch.float64) + 1  # keys up to the query
-    g = gate.double()
-    return g * pos + (1 - g) * pos.clamp(max=window)
+    from aha.window import keys_read
+
+    pos = torch.arange(nk - nq, nk, device=gate.device, dtype=torch.float64)
+    return keys_read(pos, gate.double(), window)
 
 
 _DENSE_NEEDS_EXPAND = {}

@@ -44,6 +44,7 @@ from cpu import _commit, machine, measure, threads  # noqa: E402
 from decode import _force_gates, _tiny_faolmo, head_gate  # noqa: E402
 
 import aha  # noqa: E402
+from aha.window import keys_read  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -102,7 +103,7 @@ def pair_bound(lengths, gate: torch.Tensor, window: int) -> float:
         pos = torch.arange(n, dtype=torch.float64)  # (n,) position within the document
         g = gate[0, :, at : at + n].to(torch.float64)  # (Hq, n)
         dense += g.shape[0] * n * (n + 1) / 2
-        aha_pairs += float((g * (pos + 1) + (1 - g) * torch.clamp(pos + 1, max=window)).sum())
+        aha_pairs += float(keys_read(pos, g, window).sum())
         at += n
     return dense / aha_pairs
 

@@ -261,3 +261,17 @@ def test_spec_ragged_pictures_are_what_the_reference_reads():
     rows, padding = _drawn(2, 1, 8, 3, [[1], [0], [1]], cache_leftpad=np.array([0, 3, 1]), cache_seqlens=np.array([8, 8, 5]))
     assert [groups[0] for _, groups in decode] == [rows[r][0] for r in range(3)] and not padding.any()
     assert [line.split()[3] for line, _ in decode] == ["All", "Here", "All"]
+
+
+def test_keys_read_counts_the_keys_of_key_range():
+    """aha.window.keys_read (the benchmarks' work counts) agrees with key_range, the bounds the backends use,
+    for arrays of positions and gates; a soft gate weighs the two counts."""
+    from aha.window import key_range, keys_read
+
+    pos = np.arange(40, dtype=np.float64)
+    for window in (1, 3, 16, 64):
+        for is_all in (False, True):
+            want = [key_range(int(p), window, is_all)[1] - key_range(int(p), window, is_all)[0] for p in pos]
+            np.testing.assert_array_equal(keys_read(pos, np.full(40, float(is_all)), window), want)
+        soft = keys_read(pos, np.full(40, 0.25), window)
+        np.testing.assert_allclose(soft, 0.25 * (pos + 1) + 0.75 * np.minimum(pos + 1, window))

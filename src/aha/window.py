@@ -22,6 +22,7 @@ __all__ = [
     "query_position",
     "here_start",
     "key_range",
+    "keys_read",
     "key_block_range",
     "num_blocks",
     "HereBands",
@@ -50,6 +51,13 @@ def key_range(pos: int, window: int, is_all: bool) -> tuple[int, int]:
     """Half-open key range ``[lo, hi)`` read by the token at ``pos``."""
     lo = 0 if is_all else here_start(pos, window)
     return lo, pos + 1
+
+
+def keys_read(pos, gate, window: int):
+    """How many keys a query at position ``pos`` reads, elementwise over arrays or tensors: All ``pos + 1``,
+    Here ``min(pos + 1, window)``; a float gate weighs the two."""
+    causal = pos + 1
+    return gate * causal + (1 - gate) * causal.clip(max=window)
 
 
 def num_blocks(n: int, block: int) -> int:
