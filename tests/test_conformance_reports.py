@@ -35,13 +35,23 @@ RUNS = {
 }
 
 
-def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+try:  # what makes Hypothesis load its ``ci`` profile by itself (private; the names are also below)
+    from hypothesis._settings import _CI_VARS
+except ImportError:
+    _CI_VARS = {}
+# ... and pytest print untruncated summaries
+CI_VARIABLES = ("CI", "BUILD_NUMBER", "GITHUB_ACTIONS", "GITLAB_CI", "TF_BUILD", *_CI_VARS)
 
 
-def _run(cwd, *args) -> str:
+def _env(**extra) -> dict:
+    """This process's environment, less what marks a CI machine (so a run here is a run on a laptop), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in CI_VARIABLES}
+    return dict(env, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), **extra)
+
+
+def _run(cwd, *args, env=None) -> str:
     """A subprocess (``python -m aha ...`` or ``python -m pytest ...``) with the planted backends; stdout + stderr."""
-    res = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=_env(), cwd=cwd, timeout=600)
+    res = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env or _env(), cwd=cwd, timeout=600)
     return res.stdout + res.stderr
 
 
@@ -51,7 +61,8 @@ def _conformance(cwd, backends, select, *extra) -> str:
 
 
 def _failures(output: str) -> dict[str, str]:
-    """{"test_x[backend]": its failure report} from pytest's output."""
+    """{"test_x[backend]": its failure report} from pytest's output (the short summary left out)."""
+    output = re.split(r"^=+ short test summary info =+$", output, flags=re.M)[0]
     blocks = re.split(r"^_{3,} (test_\S+) _{3,}$", output, flags=re.M)
     return dict(zip(blocks[1::2], blocks[2::2]))
 
@@ -189,6 +200,23 @@ def test_a_run_without_a_profile_is_derandomized_and_keeps_no_database(tmp_path)
     assert not (tmp_path / ".hypothesis" / "examples").exists()
     assert "Derandomized (Hypothesis profile 'dev')" in by_pytest
     assert "--backend planted_top_left --max-len 64 -k test_forward_matches_reference --hypothesis-profile=dev" in by_cli
+
+
+def test_in_a_ci_environment_a_run_without_a_profile_is_the_ci_profile(tmp_path):
+    """With CI set, Hypothesis itself loads its ``ci`` profile, which the plugin defines: still derandomized.
+
+    The report names that profile in the command that replays the run, and that command (the
+    conformance CLI with ``--hypothesis-profile=ci``, outside CI) finds the same falsifying problem.
+    """
+    select = ("-k", "test_forward_matches_reference")
+    in_ci = _run(tmp_path, "pytest", "--pyargs", "aha.testing.conformance", "-p", "planted_backends", "-p", "no:cacheprovider",
+                 "--aha-backend", "planted_top_left", "--aha-max-len", "64", "-q", *select, env=_env(CI="true"))  # fmt: skip
+    replay = "--backend planted_top_left --max-len 64 -k test_forward_matches_reference --hypothesis-profile=ci"
+    assert "Derandomized (Hypothesis profile 'ci')" in in_ci and replay in in_ci, in_ci[-3000:]
+    assert "@reproduce_failure(" in in_ci  # the ci profile prints Hypothesis' blob
+    by_cli = _conformance(tmp_path, ["planted_top_left"], select[1], "--hypothesis-profile=ci")
+    assert _reproduce_lines(_failures(in_ci)["test_forward_matches_reference[planted_top_left]"]) == _reproduce_lines(by_cli)
+    assert not (tmp_path / ".hypothesis" / "examples").exists()
 
 
 def test_the_explore_profile_draws_at_random_from_a_printed_seed(tmp_path):

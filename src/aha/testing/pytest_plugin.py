@@ -16,6 +16,9 @@ command runs again, and no failure of an earlier run is replayed from a database
 directory. Nothing is loaded unless asked for, so other projects' Hypothesis settings are left alone;
 the conformance suite itself runs as ``dev`` does when no profile is chosen, and
 ``python -m aha conformance`` and this repository's pytest configuration ask for ``dev``.
+On a CI machine (CI, GITHUB_ACTIONS, ... set), Hypothesis itself loads its ``ci`` profile when none
+is chosen; the ``ci`` above replaces Hypothesis' own, so such a run is derandomized too, and its
+report says to replay it with ``--hypothesis-profile=ci``.
 
 A failing conformance test gets a report section saying how to replay it.
 """
