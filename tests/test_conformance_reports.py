@@ -231,6 +231,17 @@ def test_the_explore_profile_draws_at_random_from_a_printed_seed(tmp_path):
     assert not (tmp_path / ".hypothesis" / "examples").exists()
 
 
+def test_the_conformance_command_writes_nothing_into_the_current_directory(tmp_path):
+    """Hypothesis' cache (``.hypothesis/constants``) goes to $XDG_CACHE_HOME/aha/hypothesis, not the cwd."""
+    cwd, cache = tmp_path / "cwd", tmp_path / "cache"
+    cwd.mkdir()
+    names = ["--backend", "planted_top_left", "--max-len", "64", "-q", "-k", "test_forward_matches_reference"]
+    out = _run(cwd, "aha", "conformance", "-p", "planted_backends", *names, env=_env(XDG_CACHE_HOME=str(cache)))
+    assert _reproduce_lines(out)  # it ran, and failed as planted
+    assert list(cwd.iterdir()) == []
+    assert (cache / "aha" / "hypothesis").is_dir()
+
+
 def test_every_profile_is_documented():
     from aha.testing.pytest_plugin import PROFILES
 

@@ -33,8 +33,11 @@ def run_conformance(backends=(), extra_args=()) -> int:
 
     The Hypothesis profile is ``dev`` (derandomized) unless ``extra_args`` or HYPOTHESIS_PROFILE
     choose another. A profile of aha that draws at random (``explore``) gets a seed, printed first,
-    unless ``--hypothesis-seed`` gives one: the same seed replays the run.
+    unless ``--hypothesis-seed`` gives one: the same seed replays the run. Nothing is written into
+    the current directory: Hypothesis' own cache (``.hypothesis/``, its constants cache; there is
+    no example database) goes to `hypothesis_storage` unless HYPOTHESIS_STORAGE_DIRECTORY says where.
     """
+    import os
     import random
     import subprocess
     import sys
@@ -56,4 +59,15 @@ def run_conformance(backends=(), extra_args=()) -> int:
         args.append(f"--hypothesis-seed={seed}")
     for name in backends:
         args += ["--aha-backend", name]
-    return subprocess.call(args + extra_args)
+    env = dict(os.environ)
+    env.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(hypothesis_storage()))
+    return subprocess.call(args + extra_args, env=env)
+
+
+def hypothesis_storage():
+    """Where ``python -m aha conformance`` keeps Hypothesis' cache: $XDG_CACHE_HOME/aha/hypothesis (~/.cache/...)."""
+    import os
+    from pathlib import Path
+
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "aha" / "hypothesis"
