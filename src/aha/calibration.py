@@ -101,6 +101,10 @@ def _layer_need(layer: AHAAttention, x: torch.Tensor, position_embeddings, windo
     return output, _outside_mass(q, k, window) if mass else None
 
 
+class _Enough(Exception):
+    """Raised by the hook of the one layer measured, to end the forward there (the layers after it are not needed)."""
+
+
 @torch.no_grad()
 def measure_need(
     model: nn.Module, batches: Iterable[torch.Tensor], *, window: int, keep_inputs: bool = False, mass: bool = True
@@ -122,17 +126,33 @@ def measure_need(
     layers = aha_layers(model)
     if not layers:
         raise ValueError(f"model: {type(model).__name__} has no aha.nn.AHAAttention layer to calibrate")
+    return _measure(model, layers, batches, window, keep_inputs=keep_inputs, mass=mass)
+
+
+@torch.no_grad()
+def _measure(model, layers, batches, window, *, keep_inputs, mass, only: int | None = None) -> AttentionNeed:
+    """`measure_need` over ``layers``; with ``only = i``, layer i alone, as the model routes now.
+
+    Without ``only`` every layer reads All during the pass. With it, the layers before i route as
+    they are set (their routers and windows), layer i's need is measured on the input they give it,
+    and the pass ends there; the result then has one layer.
+    """
     index = {id(layer): i for i, layer in enumerate(layers)}
-    out: list[list[tuple]] = [[] for _ in layers]
+    measured = layers if only is None else [layers[only]]
+    out: list[list[tuple]] = [[] for _ in measured]
 
     def hook(layer, args, kwargs):
         x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
         output, outside = _layer_need(layer, x, kwargs.get("position_embeddings"), window, mass)
         outside = None if outside is None else outside.cpu()
-        out[index[id(layer)]].append((output.cpu(), outside, x.detach().float().cpu() if keep_inputs else None))
+        out[0 if only is not None else index[id(layer)]].append(
+            (output.cpu(), outside, x.detach().float().cpu() if keep_inputs else None)
+        )
+        if only is not None:
+            raise _Enough
 
     saved = [layer.window for layer in layers]
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in measured]
     was_training = model.training
     model.eval()
     length, seen = None, 0
@@ -148,9 +168,13 @@ def measure_need(
                     f"window: {window} keys hold every token of a {length}-token batch, so Here = All everywhere; "
                     f"use a window below the sequence length or longer sequences"
                 )
-            for layer in layers:
-                layer.window = length
-            model(ids)
+            if only is None:
+                for layer in layers:
+                    layer.window = length
+            try:
+                model(ids)
+            except _Enough:
+                pass
             seen += 1
     finally:
         for layer, w in zip(layers, saved):
@@ -306,6 +330,7 @@ def calibrate_routers(
     max_fit_tokens: int | None = 200_000,
     need: AttentionNeed | None = None,
     seed: int = 0,
+    sequential: bool = True,
 ) -> dict:
     """Fit every router of ``model`` to its own attention and set every AHA layer's window; no training.
 
@@ -320,56 +345,78 @@ def calibrate_routers(
         measure: ``"output"`` (relative output change, default) or ``"mass"`` (attention outside the window).
         l2: L2 penalty of the logistic regression (on standardised inputs).
         max_fit_tokens: fit each layer on at most this many tokens (a seeded random subset), None for all.
-        need: a measurement from `measure_need` with ``keep_inputs=True`` to reuse instead of batches.
+        need: a measurement from `measure_need` with ``keep_inputs=True`` to reuse instead of measuring
+            again (with ``sequential``, batches are still needed for the layers after the first).
         seed: seed of the subset.
+        sequential: fit layer by layer, each on the input it gets when the layers before it route
+            by their fitted routers (one more pass over the batches per layer after the first, ended
+            at that layer), as the model will run. Otherwise every layer is fitted on its input under
+            full attention, and layers after the first then see inputs they were not fitted on: on the
+            reproduction's model they routed up to a third fewer tokens All than asked.
+
+    The threshold and each head's share of All come from the full-attention measurement; with
+    ``sequential``, a layer's labels are its need measured again under the routing before it, and
+    its biases give each head that share on the inputs it then gets, so the share of All on the
+    calibration data is the one asked for, as the model runs.
 
     Returns:
         a report: the threshold, the oracle's and the fitted routers' share of All and share of
-        the need covered on the calibration tokens, overall and per layer and head.
+        the need covered on the calibration tokens, overall and per layer and head (the routers'
+        against the need measured as they run, with ``sequential``).
     """
     _check_target(share, budget)
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
+    if batches is not None:
+        batches = list(batches)  # read once per layer with sequential
     if need is None:
         if batches is None:
             raise ValueError("batches: give calibration batches (or a measured need)")
-        need = measure_need(model, batches, window=window, keep_inputs=True)
+        need = measure_need(model, batches, window=window, keep_inputs=True, mass=measure == "mass")
     elif need.window != window or need.inputs is None:
         raise ValueError(f"need: measured for window {need.window} (inputs kept: {need.inputs is not None}); "
                          f"calibrating for window {window} needs a measurement at that window with keep_inputs=True")  # fmt: skip
     layers = aha_layers(model)
+    if sequential and len(layers) > 1 and batches is None:
+        raise ValueError("batches: sequential calibration measures each layer again under the routing before it; "
+                         "give the calibration batches too (or sequential=False)")  # fmt: skip
     values = need.beyond(measure)  # (L, Hq, T)
     tau = need_threshold(values, share=share, budget=budget)
     oracle = values > tau  # (L, Hq, T)
+    shares = oracle.double().mean(-1)  # (L, Hq): each head's share of All
     gen = torch.Generator().manual_seed(seed)
     routed = torch.zeros_like(oracle)
+    seen = values.clone()  # the need as the routers run: measured again layer by layer with sequential
     for i, layer in enumerate(layers):
-        x = need.inputs[i][:, window:].flatten(0, 1)  # (T, C), the order of beyond(): batch, then position
-        y = oracle[i].T  # (T, Hq)
+        inputs = need.inputs[i]
+        if sequential and i > 0:  # the layers before i route now
+            again = _measure(model, layers, batches, window, keep_inputs=True, mass=measure == "mass", only=i)
+            seen[i], inputs = again.beyond(measure)[0], again.inputs[0]
+        x = inputs[:, window:].flatten(0, 1)  # (T, C), the order of beyond(): batch, then position
+        y = (seen[i] > tau).T  # (T, Hq)
         pick = slice(None)
         if max_fit_tokens is not None and x.shape[0] > max_fit_tokens:
             pick = torch.randperm(x.shape[0], generator=gen)[:max_fit_tokens]
         weight, bias = fit_router(x[pick], y[pick], l2=l2)
         z = x.double() @ weight.T  # (T, Hq)
         thr = _threshold_of(layer)
-        bias = torch.tensor([_bias_for_share(z[:, h], float(y[:, h].float().mean()), thr) for h in range(y.shape[1])])
+        bias = torch.tensor([_bias_for_share(z[:, h], float(shares[i, h]), thr) for h in range(y.shape[1])])
         _set_router(layer, weight, bias)
         routed[i] = (z + bias > _logit(thr)).T
         layer.window = window
-    total = values.sum().clamp_min(1e-30)
-
-    def covered(g):
-        return float((values * g).sum() / total)
+    def covered(g, v=values):
+        return float((v * g).sum() / v.sum().clamp_min(1e-30))
 
     return {
         "window": window,
         "measure": measure,
+        "sequential": sequential,
         "target": {"share": share, "budget": budget},
         "threshold": tau,
         "tokens": int(values.shape[-1]),
         "oracle": {"all_share": float(oracle.float().mean()), "need_covered": covered(oracle),
                    "per_head": oracle.float().mean(-1).tolist()},
-        "router": {"all_share": float(routed.float().mean()), "need_covered": covered(routed),
+        "router": {"all_share": float(routed.float().mean()), "need_covered": covered(routed, seen),
                    "per_head": routed.float().mean(-1).tolist(),
-                   "agreement": float((routed == oracle).float().mean())},
+                   "agreement": float((routed == (seen > tau)).float().mean())},
     }  # fmt: skip

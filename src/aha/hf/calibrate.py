@@ -5,8 +5,9 @@
 SRC is an OLMo-2, Llama or Qwen2 checkpoint (a router is added first, as `aha.hf.convert` does)
 or a routed one (FAOlmo / AHA-OLMo2, AHA-Llama, AHA-Qwen2; given a router bias if it has none).
 `aha.calibration.calibrate_routers` measures each token's need for All on the calibration data with
-full attention, fits each head's router by logistic regression and sets the biases for a share of
-All (``--share``) or an error budget (``--budget``). DST is a routed checkpoint with
+full attention, fits each head's router by logistic regression, layer by layer on the inputs it gets
+with the layers before it routed, and sets the biases for a share of All (``--share``) or an error
+budget (``--budget``). DST is a routed checkpoint with
 ``local_window_size = --window``, loadable as any AHA checkpoint (``import aha.hf`` and
 ``AutoModelForCausalLM.from_pretrained(DST)``), with SRC's tokenizer files and the calibration
 report (``aha_calibration.json``).
@@ -106,6 +107,7 @@ def calibrate_checkpoint(
     batch: int = 4,
     measure: str = "output",
     dtype=None,
+    sequential: bool = True,
 ) -> dict:
     """Load ``src``, calibrate its routers on ``data`` for ``window``, save to ``dst``; returns the report."""
     from transformers import AutoModelForCausalLM
@@ -127,7 +129,9 @@ def calibrate_checkpoint(
     model = routed_model(model, window=window)
     device = next(model.parameters()).device
     batches = [ids[i : i + batch].to(device) for i in range(0, ids.shape[0], batch)]
-    report = calibrate_routers(model, batches, window=window, share=share, budget=budget, measure=measure)
+    report = calibrate_routers(
+        model, batches, window=window, share=share, budget=budget, measure=measure, sequential=sequential
+    )
     report = {**report, "source": str(src), "data": str(data), "sequences": ids.shape[0], "length": length}
     Path(dst).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst)
@@ -152,6 +156,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4, help="sequences per forward pass (default 4)")
     p.add_argument("--measure", choices=("output", "mass"), default="output",
                    help="what the routers predict: relative output change (default) or attention mass outside the window")  # fmt: skip
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
+                   help="fit layer by layer, each on the input it gets with the layers before it routed (default; one "
+                        "more pass per layer); --no-sequential fits every layer on full-attention inputs in one pass, "
+                        "and the later layers then route fewer tokens All than asked")  # fmt: skip
     args = p.parse_args(argv)
     if args.window < 1:
         p.error(f"--window must be >= 1 (the keys a Here token reads), got {args.window}")
@@ -169,6 +177,7 @@ def main(argv=None) -> int:
         report = calibrate_checkpoint(
             args.src, args.dst, window=args.window, data=args.data, share=args.share, budget=args.budget,
             length=args.length, sequences=args.sequences, batch=args.batch, measure=args.measure,
+            sequential=args.sequential,
         )  # fmt: skip
     except ValueError as exc:
         if str(exc).startswith(("--", "SRC", "model")):
