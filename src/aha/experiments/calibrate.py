@@ -4,8 +4,10 @@
 written by ``reproduce`` or ``pretrain``; pretrained again when missing), and at each window and each
 matched share of All evaluates, on the reproduction's held-out windows:
 
-* ``calibrated``: routers fitted by `aha.calibration.calibrate_routers` (relative output change), no training;
-* ``calibrated_mass``: the same, fitted to the attention mass outside the window;
+* ``calibrated``: routers fitted by `aha.calibration.calibrate_routers` (relative output change, layer by
+  layer), no training;
+* ``calibrated_one_pass``: the same, every layer fitted on its full-attention input (``sequential=False``);
+* ``calibrated_mass``: layer by layer, fitted to the attention mass outside the window;
 * ``per_head``: the heads of highest mean need All for every token, the rest Here (DuoAttention's static split);
 * ``random``: each token All at random, with the calibrated routers' per-head shares on the held-out data;
 * ``oracle``: All exactly where the measured need of the held-out token is highest (a bound no router reaches);
@@ -50,7 +52,12 @@ __all__ = ["StudyConfig", "STUDY", "STUDY_QUICK", "study", "CALIBRATION_JSON", "
 
 CALIBRATION_JSON = "calibration.json"
 CALIBRATION_PLOT = "calibration.png"
-METHODS = ("calibrated", "calibrated_mass", "per_head", "random", "oracle")
+METHODS = ("calibrated", "calibrated_one_pass", "calibrated_mass", "per_head", "random", "oracle")
+CALIBRATIONS = (  # method, measure, sequential
+    ("calibrated", "output", True),
+    ("calibrated_one_pass", "output", False),
+    ("calibrated_mass", "mass", True),
+)
 CALIBRATION_SEED = 4321  # the calibration windows (from the training split)
 RANDOM_SEED = 7  # the random routing
 
@@ -182,7 +189,7 @@ def _reproduction(out: Path, full_loss: float) -> dict | None:
 
 
 def _units(cfg: StudyConfig) -> int:
-    per_window = 3 + len(cfg.heads_all) * (2 * 2 + 3)  # measures + the calibrations and evaluations
+    per_window = 3 + len(cfg.heads_all) * (2 * len(CALIBRATIONS) + 3)  # measures + the calibrations and evaluations
     fts = len(cfg.finetune_windows) * len(cfg.finetune_lams)
     return 2 + len(cfg.windows) * per_window + (fts + 1) * (cfg.experiment.finetune.steps + 1)
 
@@ -252,7 +259,8 @@ def study(cfg: StudyConfig, out: Path, *, progress: bool = True, command: str = 
         starts = {}  # window -> (share, calibrated model) to fine-tune
         for w in cfg.windows:
             bar.stage(f"window {w}: measure")
-            need_cal = measure_need(full, cal_ids.split(8), window=w, keep_inputs=True)
+            cal_batches = cal_ids.split(8)
+            need_cal = measure_need(full, cal_batches, window=w, keep_inputs=True)
             bar.update()
             need_eval = measure_need(full, inputs.split(8), window=w, mass=False)
             bar.update()
@@ -266,9 +274,10 @@ def study(cfg: StudyConfig, out: Path, *, progress: bool = True, command: str = 
             for k, share in zip(cfg.heads_all, cfg.shares()):
                 bar.stage(f"window {w}: share {share:.3f}")
                 calibrated = {}
-                for method, measure in (("calibrated", "output"), ("calibrated_mass", "mass")):
+                for method, measure, sequential in CALIBRATIONS:
                     model = copy.deepcopy(full)
-                    fit = calibrate_routers(model, window=w, share=share, measure=measure, need=need_cal)
+                    fit = calibrate_routers(model, cal_batches, window=w, share=share, measure=measure, need=need_cal,
+                                            sequential=sequential)  # fmt: skip
                     bar.update()
                     loss, gates = evaluate(model, eval_ids)
                     point = _point(method, w, share, loss, gates, full_loss,

@@ -17,6 +17,7 @@ __all__ = ["write_calibration", "plot_calibration", "section", "LABELS"]
 PLOT = "calibration.png"
 LABELS = {
     "calibrated": "calibrated (output change)",
+    "calibrated_one_pass": "calibrated in one pass (output change)",
     "calibrated_mass": "calibrated (attention mass)",
     "per_head": "per-head static (DuoAttention-style)",
     "random": "random per token, same per-head shares",
@@ -24,6 +25,7 @@ LABELS = {
 }
 _STYLE = {
     "calibrated": ("o-", "C0"),
+    "calibrated_one_pass": ("v:", "C4"),
     "calibrated_mass": ("o:", "C9"),
     "per_head": ("s--", "C1"),
     "random": ("x-.", "C7"),
@@ -176,6 +178,7 @@ def _findings(result: dict) -> list[str]:
     for a, b, how in (
         ("oracle", "per_head", "(same window and share)"),
         ("calibrated", "random", "(same window and per-head shares)"),
+        ("calibrated", "calibrated_one_pass", same),
         ("calibrated", "calibrated_mass", same),
         ("oracle", "calibrated", same),
         ("calibrated", "per_head", same),
@@ -296,7 +299,10 @@ def section(result: dict, out: str) -> list[str]:
         "reads Here instead of All (*output change*), and the head's attention weight outside the window "
         "(*attention mass*). It labels as All the tokens above one global threshold, fits each head's linear router "
         "on the layer input by logistic regression, and sets each head's bias so that it routes the same share of "
-        "its calibration tokens All as the threshold does. No weight of the model changes. For a transformers "
+        "its calibration tokens All as the threshold does. It goes layer by layer: each layer's need is measured "
+        "again, and its routers fitted, on the input it gets when the layers before it route by their new routers, "
+        "as the model will run (*in one pass*: every layer fitted on its full-attention input, what the first "
+        "version did). No weight of the model changes. For a transformers "
         "checkpoint: `python -m aha.hf.calibrate SRC DST --window 256 --share 0.1 --data calibration.txt`.",
         "",
         f"* **Model**: the reproduction's pretrained weights (`{Path(pre.get('path', '')).name}`, "
